@@ -41,6 +41,19 @@ pub struct ModelConfig {
     pub kv_sharing: KvSharing,
 }
 
+/// Most decoder layers a config may have. Far above any real model; the bound keeps a
+/// corrupt `num_hidden_layers` from allocating a huge map.
+pub const MAX_LAYERS: usize = 1 << 12;
+
+/// Largest `hidden_size`, `intermediate_size`, `head_dim`, head count, and query or
+/// key/value width (`heads * head_dim`) a config may have. Far above any real model; with
+/// [`MAX_LAYERS`] and [`MAX_VOCAB`] it keeps every parameter and byte count of
+/// [`crate::params`] and [`crate::memory`] well inside `u64`.
+pub const MAX_WIDTH: usize = 1 << 20;
+
+/// Largest `vocab_size`: token ids are `u32`.
+pub const MAX_VOCAB: usize = u32::MAX as usize;
+
 /// Keys this crate writes and reads; everything else in a config.json is ignored.
 const SHARING_KEYS: [&str; 3] = ["kv_source_layers", "use_cla", "cla_share_factor"];
 
@@ -87,6 +100,8 @@ impl ModelConfig {
         let hidden_size = r.positive("hidden_size")?;
         let intermediate_size = r.positive("intermediate_size")?;
         let num_layers = r.positive("num_hidden_layers")?;
+        // Checked before any map of `num_layers` entries is built.
+        check_at_most("num_hidden_layers", num_layers, MAX_LAYERS)?;
         let num_attention_heads = r.positive("num_attention_heads")?;
         let num_key_value_heads = match r.opt_usize("num_key_value_heads")? {
             Some(0) => {
@@ -158,6 +173,30 @@ impl ModelConfig {
             if v == 0 {
                 return Err(ConfigError::Zero { key: key.into() });
             }
+        }
+        let widths = [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (key, v) in widths {
+            check_at_most(key, v, MAX_WIDTH)?;
+        }
+        check_at_most("num_hidden_layers", self.num_layers(), MAX_LAYERS)?;
+        check_at_most("vocab_size", self.vocab_size, MAX_VOCAB)?;
+        // Both factors are at most MAX_WIDTH, so the product fits in u64.
+        let q_width = self.num_attention_heads as u64 * self.head_dim as u64;
+        if q_width > MAX_WIDTH as u64 {
+            return Err(ConfigError::InvalidValue {
+                key: "num_attention_heads".into(),
+                expected: format!(
+                    "num_attention_heads * head_dim at most {MAX_WIDTH} (head_dim is {})",
+                    self.head_dim
+                ),
+                found: self.num_attention_heads.to_string(),
+            });
         }
         if !self
             .num_attention_heads
@@ -246,6 +285,18 @@ impl ModelConfig {
         s.push('\n');
         s
     }
+}
+
+/// Rejects `value > max` with an error naming `key`.
+fn check_at_most(key: &str, value: usize, max: usize) -> Result<()> {
+    if value > max {
+        return Err(ConfigError::InvalidValue {
+            key: key.into(),
+            expected: format!("at most {max}"),
+            found: value.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Reads the sharing map from whichever of the sharing keys are present.

@@ -23,7 +23,7 @@ use std::str::FromStr;
 pub enum SharingPattern {
     /// Every layer produces its own K/V (a plain transformer).
     None,
-    /// The paper's CLA<N>: consecutive groups of `N` layers share the K/V of the group's
+    /// The paper's `CLA<N>`: consecutive groups of `N` layers share the K/V of the group's
     /// first layer; when `N` does not divide `L`, the SHORT group comes FIRST
     /// (10 layers, CLA3: {0}, {1,2,3}, {4,5,6}, {7,8,9}).
     Cla(usize),
@@ -193,6 +193,10 @@ pub struct KvSharing {
 
 impl KvSharing {
     /// Every one of `num_layers` layers produces its own K/V.
+    ///
+    /// # Panics
+    ///
+    /// If `num_layers` is 0: a map describes at least one layer.
     pub fn all_producers(num_layers: usize) -> Self {
         Self::from_sources("kv_source_layers", (0..num_layers).collect())
             .expect("the identity map is always valid")
@@ -200,7 +204,19 @@ impl KvSharing {
 
     /// Validates `sources` (entry `i` = the layer whose K/V layer `i` reads). `key` names
     /// where the map came from, for the error message.
+    ///
+    /// The checks run in a fixed order and the first failure is returned: an empty map,
+    /// then layer 0 ([`ConfigError::FirstLayerNotProducer`]), then every entry pointing
+    /// at an earlier layer ([`ConfigError::SourceLater`]), then every source being a
+    /// producer ([`ConfigError::SourceIsConsumer`]).
     pub fn from_sources(key: &str, sources: Vec<usize>) -> Result<Self> {
+        if sources.is_empty() {
+            return Err(ConfigError::BadMap {
+                key: key.into(),
+                input: String::new(),
+                reason: "the map is empty; a model has at least one layer".into(),
+            });
+        }
         if let Some(&first) = sources.first()
             && first != 0
         {
@@ -245,13 +261,14 @@ impl KvSharing {
     }
 
     /// Reads a map typed by a user: a pattern name (see [`SharingPattern::NAMES`]), an
-    /// LCKV-style string (`0_0_2_2_4_4`), a comma list (`0,0,2,2`) or a JSON list
-    /// (`[0,0,2,2]`). A list must have `num_layers` entries. `key` names the flag.
+    /// LCKV-style string (`0_0_2_2_4_4`), a comma list (`0,0,2,2`), a JSON list
+    /// (`[0,0,2,2]`) or a space-separated list (`0 0 2 2`, as `cla kv` prints it). A list
+    /// must have `num_layers` entries. `key` names the flag.
     pub fn parse(key: &str, input: &str, num_layers: usize) -> Result<Self> {
         let t = input.trim();
-        let looks_numeric = t
-            .chars()
-            .all(|c| c.is_ascii_digit() || matches!(c, '_' | ',' | '[' | ']' | ' '));
+        let looks_numeric = t.chars().all(|c| {
+            c.is_ascii_digit() || c.is_ascii_whitespace() || matches!(c, '_' | ',' | '[' | ']')
+        });
         if !looks_numeric {
             let pattern: SharingPattern = t.parse().map_err(|e| match e {
                 ConfigError::BadMap { reason, .. } => ConfigError::BadMap {
@@ -272,9 +289,40 @@ impl KvSharing {
                 other => other,
             });
         }
-        let inner = t.trim_start_matches('[').trim_end_matches(']');
-        let mut sources = Vec::new();
-        for part in inner.split(['_', ',']) {
+        let inner = match (t.strip_prefix('['), t.ends_with(']')) {
+            (Some(rest), true) => &rest[..rest.len() - 1],
+            (None, false) => t,
+            _ => {
+                return Err(ConfigError::BadMap {
+                    key: key.into(),
+                    input: input.into(),
+                    reason: "unbalanced brackets; write a list as [0,0,2,2] or 0_0_2_2".into(),
+                });
+            }
+        };
+        if inner.contains(['[', ']']) {
+            return Err(ConfigError::BadMap {
+                key: key.into(),
+                input: input.into(),
+                reason: "nested brackets; write a list as [0,0,2,2] or 0_0_2_2".into(),
+            });
+        }
+        // `0_0_2_2` and `0,0,2,2` split on their separator (an empty entry is an error);
+        // `0 0 2 2` splits on runs of spaces.
+        let parts: Vec<&str> = if inner.contains(['_', ',']) {
+            inner.split(['_', ',']).collect()
+        } else {
+            inner.split_whitespace().collect()
+        };
+        if parts.is_empty() {
+            return Err(ConfigError::BadMap {
+                key: key.into(),
+                input: input.into(),
+                reason: "the list is empty; give one source layer per layer".into(),
+            });
+        }
+        let mut sources = Vec::with_capacity(parts.len());
+        for part in parts {
             let part = part.trim();
             let v = part.parse::<usize>().map_err(|_| ConfigError::BadMap {
                 key: key.into(),

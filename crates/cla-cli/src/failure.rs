@@ -1,0 +1,146 @@
+//! How `cla` fails: exit codes and the one-line `error: ...` message.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | user error: a bad flag, file or config; the message says what to fix |
+//! | 2 | internal failure: a bug in cla, or the output could not be written |
+//!
+//! Bad input never panics; a panic (a bug) is reported as an internal failure, without a
+//! backtrace.
+
+use cla_core::ConfigError;
+use std::fmt;
+use std::io::Write;
+use std::process::ExitCode;
+
+/// Exit code of a user error.
+pub const EXIT_USER: u8 = 1;
+/// Exit code of an internal failure.
+pub const EXIT_INTERNAL: u8 = 2;
+
+/// Why a command failed.
+#[derive(Debug)]
+pub enum CliError {
+    /// The input was wrong; the message says what to do.
+    User(String),
+    /// cla itself failed.
+    Internal(String),
+}
+
+impl CliError {
+    /// A user error with this message.
+    pub fn user(message: impl Into<String>) -> Self {
+        CliError::User(message.into())
+    }
+
+    /// The process exit code for this error.
+    pub fn code(&self) -> u8 {
+        match self {
+            CliError::User(_) => EXIT_USER,
+            CliError::Internal(_) => EXIT_INTERNAL,
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CliError::User(m) => f.write_str(m),
+            CliError::Internal(m) => write!(f, "internal failure: {m}"),
+        }
+    }
+}
+
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        CliError::User(e.to_string())
+    }
+}
+
+/// Result of a command.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+/// Prints `error: ...` on one line of stderr and returns the exit code.
+pub fn report(error: &CliError) -> ExitCode {
+    let line = error.to_string().replace('\n', " ");
+    let _ = writeln!(std::io::stderr(), "error: {line}");
+    ExitCode::from(error.code())
+}
+
+/// The exit code of a command's outcome, a panic included.
+pub fn exit_code(outcome: std::thread::Result<CliResult>) -> ExitCode {
+    match outcome {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => report(&e),
+        // The panic hook has printed the message.
+        Err(_) => ExitCode::from(EXIT_INTERNAL),
+    }
+}
+
+/// Replaces the default panic message (and backtrace hint) by one line that says a bug
+/// happened and where.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown cause".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: internal failure (a bug in cla): {}{place}; please report it",
+            message.replace('\n', " ")
+        );
+    }));
+}
+
+/// Writes a command's output to stdout. A closed pipe (`cla kv | head`) is not an error.
+pub fn print(text: &str) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(CliError::Internal(format!("cannot write the output: {e}"))),
+    }
+}
+
+/// Handles a command-line parse failure: help and version go to stdout with code 0;
+/// anything else is a user error, reported on one line with a pointer to `--help`.
+pub fn clap_failure(error: clap::Error, subcommand: Option<&str>) -> ExitCode {
+    use clap::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = print(&error.render().to_string());
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = write!(std::io::stderr(), "{}", error.render());
+            ExitCode::from(EXIT_USER)
+        }
+        _ => {
+            let rendered = error.render().to_string();
+            let mut parts = Vec::new();
+            for line in rendered.lines() {
+                let line = line.trim();
+                if line.starts_with("Usage:") || line.starts_with("For more information") {
+                    break;
+                }
+                if !line.is_empty() {
+                    parts.push(line.trim_start_matches("error:").trim().to_string());
+                }
+            }
+            let help = match subcommand {
+                Some(cmd) => format!("cla {cmd} --help"),
+                None => "cla --help".to_string(),
+            };
+            let message = format!("{}; see `{help}`", parts.join(" "));
+            report(&CliError::User(message))
+        }
+    }
+}
