@@ -27,7 +27,9 @@ pub enum GpuError {
     },
 
     /// The selector text could not be understood.
-    #[error("invalid device selector `{0}`: expected auto, an index, a backend (vulkan, metal, dx12, gl), cpu, or a name substring")]
+    #[error(
+        "invalid device selector `{0}`: expected auto, an index, a backend (vulkan, metal, dx12, gl), cpu, or a name substring"
+    )]
     InvalidSelector(String),
 
     /// The adapter was found but refused to open a device.

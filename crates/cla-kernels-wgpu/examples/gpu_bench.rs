@@ -1,0 +1,405 @@
+//! Kernel benchmark: measures what the decoder kernels achieve against the ceiling measured in
+//! the same run (buffer-copy bandwidth), and writes a table to stdout and JSON to a file.
+//!
+//! ```text
+//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] OUT.json
+//! ```
+//!
+//! - copy: `copy_buffer_to_buffer` bandwidth (bytes read + written per second), the ceiling
+//!   for memory-bound kernels.
+//! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
+//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second.
+//!   Configurations whose K/V region exceeds the adapter's storage-binding limit are skipped.
+//! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, both micro-tiles; FLOP/s.
+//! - matvec: decode-shaped matrix-vector products; weight bytes per second and FLOP/s.
+//!
+//! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
+//! time around submit-and-wait is used (and the JSON says which). `--quick` uses tiny sizes so
+//! that the benchmark can be checked on a software adapter (selected with CLA_DEVICE=cpu or
+//! `--device cpu`). The cooperative-matrix path is reported as unavailable: no kernel uses it yet.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use cla_kernels_wgpu::ops::matmul::MatmulTile;
+use cla_kernels_wgpu::{
+    DType, DeviceSelector, GpuContext, GpuError, KvPool, PagedKvLayout, SeqBatch, SeqDesc,
+};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+struct Args {
+    quick: bool,
+    device: Option<String>,
+    out: String,
+}
+
+fn parse_args() -> BenchResult<Args> {
+    let mut quick = false;
+    let mut device = None;
+    let mut out = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--device" => device = Some(it.next().ok_or("--device needs a value")?),
+            "-h" | "--help" => {
+                println!("usage: gpu_bench [--quick] [--device SEL] OUT.json");
+                std::process::exit(0);
+            }
+            _ if out.is_none() && !a.starts_with("--") => out = Some(a),
+            _ => return Err(format!("unexpected argument `{a}`").into()),
+        }
+    }
+    Ok(Args {
+        quick,
+        device,
+        out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] OUT.json")?,
+    })
+}
+
+/// Times `iters` repetitions of the recorded work; returns seconds per repetition and the
+/// clock used.
+struct Timer<'a> {
+    ctx: &'a GpuContext,
+    gpu: bool,
+}
+
+impl<'a> Timer<'a> {
+    fn new(ctx: &'a GpuContext) -> Self {
+        let f = ctx.device().features();
+        let gpu = f.contains(wgpu::Features::TIMESTAMP_QUERY)
+            && f.contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS);
+        Self { ctx, gpu }
+    }
+
+    fn clock(&self) -> &'static str {
+        if self.gpu { "gpu-timestamp" } else { "wall" }
+    }
+
+    fn time(
+        &self,
+        iters: usize,
+        record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), GpuError>,
+    ) -> BenchResult<f64> {
+        let ctx = self.ctx;
+        // Warm-up: builds pipelines and touches memory.
+        let mut enc = ctx.encoder();
+        record(&mut enc)?;
+        ctx.submit_and_wait(enc)?;
+        if self.gpu {
+            let qs = ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            });
+            let resolve = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench resolve"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            let mut enc = ctx.encoder();
+            enc.write_timestamp(&qs, 0);
+            for _ in 0..iters {
+                record(&mut enc)?;
+            }
+            enc.write_timestamp(&qs, 1);
+            enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+            ctx.submit_and_wait(enc)?;
+            let bytes = ctx.read_bytes(&resolve)?;
+            let t: &[u64] = bytemuck::cast_slice(&bytes);
+            let ns =
+                t[1].saturating_sub(t[0]) as f64 * f64::from(ctx.queue().get_timestamp_period());
+            Ok(ns * 1e-9 / iters as f64)
+        } else {
+            let mut enc = ctx.encoder();
+            for _ in 0..iters {
+                record(&mut enc)?;
+            }
+            let start = Instant::now();
+            ctx.submit_and_wait(enc)?;
+            Ok(start.elapsed().as_secs_f64() / iters as f64)
+        }
+    }
+}
+
+struct Row {
+    kind: &'static str,
+    params: Vec<(&'static str, String)>,
+    seconds: f64,
+    bytes_per_s: Option<f64>,
+    flops: Option<f64>,
+    note: String,
+}
+
+fn json_escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"")
+}
+
+fn main() -> BenchResult<()> {
+    let args = parse_args()?;
+    let mut sel = match &args.device {
+        Some(s) => DeviceSelector::parse(s)?,
+        None => DeviceSelector::from_env()?,
+    };
+    if let Ok(list) = std::env::var(cla_kernels_wgpu::context::DISABLE_ENV) {
+        sel.fast_paths = cla_kernels_wgpu::FastPaths::parse_disable(&list)?;
+    }
+    if args.quick {
+        sel = sel.allow_cpu(true);
+    }
+    let ctx = GpuContext::new(&sel)?;
+    let info = ctx.info().clone();
+    let feats = ctx.features().clone();
+    let timer = Timer::new(&ctx);
+    println!(
+        "device: {} ({:?}, {:?}), clock: {}",
+        info.name,
+        info.backend,
+        info.device_type,
+        timer.clock()
+    );
+    println!("features: {feats:?}");
+    let mut rows: Vec<Row> = Vec::new();
+    let q = args.quick;
+
+    // 1. Copy bandwidth: the ceiling.
+    let copy_bytes: u64 = if q { 4 << 20 } else { 512 << 20 };
+    let copy_bytes = copy_bytes.min(feats.max_buffer_size / 2);
+    let src = ctx.create_tensor(&[(copy_bytes / 4) as usize], DType::F32, "copy src")?;
+    let dst = ctx.create_tensor(&[(copy_bytes / 4) as usize], DType::F32, "copy dst")?;
+    let secs = timer.time(if q { 3 } else { 20 }, &mut |enc| {
+        enc.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, copy_bytes);
+        Ok(())
+    })?;
+    let copy_bw = 2.0 * copy_bytes as f64 / secs;
+    rows.push(Row {
+        kind: "copy",
+        params: vec![("bytes", copy_bytes.to_string())],
+        seconds: secs,
+        bytes_per_s: Some(copy_bw),
+        flops: None,
+        note: "read+write bytes".into(),
+    });
+    drop((src, dst));
+
+    // 2. Decode attention.
+    let hd = 128u32;
+    let block_size = 16u32;
+    let contexts: &[usize] = if q {
+        &[64, 256]
+    } else {
+        &[1024, 2048, 4096, 8192, 16384, 32768]
+    };
+    let batches: &[usize] = if q { &[1, 4] } else { &[1, 4, 16, 64] };
+    for &(label, n_q_heads, n_kv_heads) in &[("mqa", 32u32, 1u32), ("gqa4", 32, 8)] {
+        for &batch in batches {
+            for &context in contexts {
+                let blocks_per_seq = context.div_ceil(block_size as usize);
+                let num_blocks = (blocks_per_seq * batch) as u32;
+                let layout = PagedKvLayout::contiguous(num_blocks, block_size, n_kv_heads, hd);
+                let kv_bytes = layout.extent() * 2;
+                let mut params = vec![
+                    ("heads", format!("{n_q_heads}q/{n_kv_heads}kv")),
+                    ("layout", label.to_string()),
+                    ("head_dim", hd.to_string()),
+                    ("batch", batch.to_string()),
+                    ("context", context.to_string()),
+                ];
+                if kv_bytes > feats.max_storage_binding {
+                    params.push(("skipped", "kv region above binding limit".into()));
+                    rows.push(Row {
+                        kind: "attn_decode",
+                        params,
+                        seconds: 0.0,
+                        bytes_per_s: None,
+                        flops: None,
+                        note: format!("skipped: {kv_bytes} B K region > binding limit"),
+                    });
+                    continue;
+                }
+                let k = ctx.create_tensor(&[layout.extent() as usize], DType::F16, "k")?;
+                let v = ctx.create_tensor(&[layout.extent() as usize], DType::F16, "v")?;
+                let tables: Vec<Vec<u32>> = (0..batch)
+                    .map(|s| {
+                        let b0 = (s * blocks_per_seq) as u32;
+                        (b0..b0 + blocks_per_seq as u32).collect()
+                    })
+                    .collect();
+                let descs: Vec<SeqDesc> = tables
+                    .iter()
+                    .map(|t| SeqDesc {
+                        n_query: 1,
+                        kv_len: context,
+                        block_table: t,
+                    })
+                    .collect();
+                let sb = SeqBatch::upload(&ctx, &descs, &layout)?;
+                let qt =
+                    ctx.create_tensor(&[batch, n_q_heads as usize, hd as usize], DType::F32, "q")?;
+                let out = ctx.create_tensor(
+                    &[batch, n_q_heads as usize, hd as usize],
+                    DType::F32,
+                    "out",
+                )?;
+                let pool = KvPool {
+                    k: &k,
+                    v: &v,
+                    k_base: 0,
+                    v_base: 0,
+                    layout,
+                };
+                let secs = timer.time(if q { 2 } else { 20 }, &mut |enc| {
+                    ctx.attention_decode(enc, &qt, &sb, &pool, &out)
+                })?;
+                let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
+                rows.push(Row {
+                    kind: "attn_decode",
+                    params,
+                    seconds: secs,
+                    bytes_per_s: Some(bytes / secs),
+                    flops: Some(4.0 * (batch * context) as f64 * f64::from(n_q_heads * hd) / secs),
+                    note: format!("{:.0}% of copy bw", 100.0 * bytes / secs / copy_bw),
+                });
+            }
+        }
+    }
+
+    // 3. Prefill matmul.
+    let n = if q { 256 } else { 4096 };
+    let x = ctx.create_tensor(&[n, n], DType::F32, "x")?;
+    let y = ctx.create_tensor(&[n, n], DType::F32, "y")?;
+    for dtype in [DType::F32, DType::F16] {
+        let w = ctx.create_tensor(&[n, n], dtype, "w")?;
+        for tile in [MatmulTile::T4, MatmulTile::T8] {
+            let secs = match timer.time(if q { 2 } else { 10 }, &mut |enc| {
+                ctx.matmul(enc, &x, &w, &y, tile)
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    println!("matmul {tile:?} {}: {e}", dtype.name());
+                    continue;
+                }
+            };
+            rows.push(Row {
+                kind: "matmul",
+                params: vec![
+                    ("m_n_k", format!("{n}x{n}x{n}")),
+                    ("weights", dtype.name().into()),
+                    ("tile", format!("{tile:?}")),
+                ],
+                seconds: secs,
+                bytes_per_s: None,
+                flops: Some(2.0 * (n * n * n) as f64 / secs),
+                note: String::new(),
+            });
+        }
+    }
+    drop((x, y));
+    rows.push(Row {
+        kind: "matmul_coopmat",
+        params: vec![],
+        seconds: 0.0,
+        bytes_per_s: None,
+        flops: None,
+        note: if feats.cooperative_matrix.is_empty() {
+            "adapter reports no cooperative matrix (or switched off)".into()
+        } else {
+            format!(
+                "adapter offers {:?}; no cooperative-matrix kernel implemented yet",
+                feats.cooperative_matrix
+            )
+        },
+    });
+
+    // 4. Decode-shaped matvec.
+    let shapes: &[(usize, usize, usize)] = if q {
+        &[(1, 256, 256), (8, 256, 256)]
+    } else {
+        &[
+            (1, 4096, 4096),
+            (1, 14336, 4096),
+            (8, 4096, 4096),
+            (1, 4096, 14336),
+        ]
+    };
+    for &(m, nn, k) in shapes {
+        for dtype in [DType::F32, DType::F16] {
+            let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
+            let w = ctx.create_tensor(&[nn, k], dtype, "w")?;
+            let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
+            let secs = timer.time(if q { 3 } else { 50 }, &mut |enc| {
+                ctx.matvec(enc, &x, &w, &y)
+            })?;
+            let bytes = (nn * k * dtype.size()) as f64;
+            rows.push(Row {
+                kind: "matvec",
+                params: vec![
+                    ("m_n_k", format!("{m}x{nn}x{k}")),
+                    ("weights", dtype.name().into()),
+                ],
+                seconds: secs,
+                bytes_per_s: Some(bytes / secs),
+                flops: Some(2.0 * (m * nn * k) as f64 / secs),
+                note: format!("{:.0}% of copy bw", 100.0 * bytes / secs / copy_bw),
+            });
+        }
+    }
+
+    // Table.
+    println!(
+        "\n{:<15} {:<62} {:>11} {:>10} {:>10}  note",
+        "kernel", "params", "time_us", "GB/s", "TFLOP/s"
+    );
+    for r in &rows {
+        let p: Vec<String> = r.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:<15} {:<62} {:>11.1} {:>10} {:>10}  {}",
+            r.kind,
+            p.join(" "),
+            r.seconds * 1e6,
+            r.bytes_per_s
+                .map_or("-".into(), |b| format!("{:.1}", b / 1e9)),
+            r.flops.map_or("-".into(), |f| format!("{:.3}", f / 1e12)),
+            r.note
+        );
+    }
+
+    // JSON.
+    let mut js = String::new();
+    let _ = write!(
+        js,
+        "{{\n  \"device\": {{\"name\": \"{}\", \"backend\": \"{:?}\", \"type\": \"{:?}\", \"driver\": \"{}\"}},\n  \"clock\": \"{}\",\n  \"quick\": {},\n  \"features\": \"{}\",\n  \"results\": [\n",
+        json_escape(&info.name),
+        info.backend,
+        info.device_type,
+        json_escape(&format!("{} {}", info.driver, info.driver_info)),
+        timer.clock(),
+        q,
+        json_escape(&format!("{feats:?}"))
+    );
+    for (i, r) in rows.iter().enumerate() {
+        let params: Vec<String> = r
+            .params
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": \"{}\"", json_escape(v)))
+            .collect();
+        let num = |v: Option<f64>| v.map_or("null".to_string(), |x| format!("{x:.6e}"));
+        let _ = writeln!(
+            js,
+            "    {{\"kernel\": \"{}\", \"params\": {{{}}}, \"seconds\": {:.6e}, \"bytes_per_s\": {}, \"flop_per_s\": {}, \"note\": \"{}\"}}{}",
+            r.kind,
+            params.join(", "),
+            r.seconds,
+            num(r.bytes_per_s),
+            num(r.flops),
+            json_escape(&r.note),
+            if i + 1 < rows.len() { "," } else { "" }
+        );
+    }
+    js.push_str("  ]\n}\n");
+    std::fs::write(&args.out, js)?;
+    println!("\nwrote {}", args.out);
+    Ok(())
+}

@@ -1,0 +1,475 @@
+//! Causal attention over the paged K/V pool (`shaders/attention.wgsl`,
+//! `shaders/attn_reduce.wgsl`).
+//!
+//! - [`GpuContext::attention_prefill`]: every query row of a batch of sequences (chunked
+//!   prefill: the queries are the last `n_query` tokens of each sequence and may follow an
+//!   earlier prefix in the cache). Tiled with online softmax; one workgroup per query tile and
+//!   query head.
+//! - [`GpuContext::attention_decode`]: one query per sequence, split along the sequence
+//!   (flash-decoding) with a reduce pass. All query heads of a GQA group share a workgroup, so
+//!   each K/V element is read once per group, not once per query head.
+//!
+//! Query head `h` reads kv head `h / (n_q_heads / n_kv_heads)` (MHA, GQA and MQA alike); the
+//! scale is `1/sqrt(head_dim)`; any even head_dim works. The K/V a layer reads is whatever
+//! pool region the caller passes: a Cross-Layer Attention consumer passes its producer's.
+
+use crate::context::GpuContext;
+use crate::error::{GpuError, Result, ensure_arg};
+use crate::ops::{expect, u32_of};
+use crate::paged::{KvPool, SeqBatch};
+use crate::pipeline::{
+    Bind, ElemStorage, PipelineKey, elem_buffer, render, whole, with_f16_header,
+};
+use crate::tensor::{DType, GpuTensor};
+
+const SRC: &str = include_str!("../shaders/attention.wgsl");
+const REDUCE_SRC: &str = include_str!("../shaders/attn_reduce.wgsl");
+/// Threads per attention workgroup: enough to load a K/V tile in a few coalesced steps,
+/// few enough that one SM holds several workgroups.
+const WG: u32 = 128;
+/// Workgroups a decode dispatch aims for (about 8 per SM of a 132-SM GPU): below that, the
+/// sequence is split further so that a batch of one long sequence still fills the GPU.
+const DECODE_TARGET_WORKGROUPS: usize = 1024;
+/// Fewest keys per decode split: each split pays a Q load and a partial-result write.
+const DECODE_MIN_CHUNK: usize = 128;
+/// Most splits per sequence (bounds the scratch and the reduce loop).
+const DECODE_MAX_SPLITS: usize = 256;
+
+/// Tile sizes of one attention variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Plan {
+    /// Query rows per workgroup (query tokens in prefill, query heads in decode).
+    r: u32,
+    /// Keys per tile.
+    bk: u32,
+    /// Threads per dot product.
+    split: u32,
+    /// Output elements per thread.
+    nacc: u32,
+    /// Workgroups per GQA group (decode).
+    row_groups: u32,
+}
+
+fn shared_bytes(hd: u32, r: u32, bk: u32) -> u32 {
+    4 * (r * hd + bk * (hd + 1) + bk * hd + r * bk + WG + 3 * r + 6)
+}
+
+fn finish(hd: u32, r: u32, bk: u32, row_groups: u32) -> Plan {
+    let mut split = 1;
+    while split < 16 && r * bk * split * 2 <= WG {
+        split *= 2;
+    }
+    Plan {
+        r,
+        bk,
+        split,
+        nacc: (r * hd).div_ceil(WG),
+        row_groups,
+    }
+}
+
+/// Picks tile sizes that fit `max_shared` bytes of workgroup memory. Larger R first: in
+/// decode, R query heads share each K/V load; in prefill, R queries share it.
+fn plan(hd: u32, group: u32, decode: bool, max_shared: u32) -> Result<Plan> {
+    for rmax in [16u32, 8, 4, 2, 1] {
+        let r = if decode { group.min(rmax) } else { rmax };
+        for bk in [32u32, 16, 8, 4] {
+            if shared_bytes(hd, r, bk) <= max_shared {
+                if decode {
+                    let row_groups = group.div_ceil(r);
+                    return Ok(finish(hd, group.div_ceil(row_groups), bk, row_groups));
+                }
+                return Ok(finish(hd, r, bk, 1));
+            }
+        }
+    }
+    Err(GpuError::NotAvailable(format!(
+        "attention with head_dim {hd} needs {} bytes of workgroup memory, the adapter has {max_shared}",
+        shared_bytes(hd, 1, 4)
+    )))
+}
+
+struct Checked {
+    n_q_heads: u32,
+    group: u32,
+    hd: u32,
+    sk: ElemStorage,
+    sv: ElemStorage,
+}
+
+impl GpuContext {
+    fn check_attention(
+        &self,
+        q: &GpuTensor,
+        batch: &SeqBatch,
+        pool: &KvPool<'_>,
+        out: &GpuTensor,
+    ) -> Result<Checked> {
+        pool.validate()?;
+        let l = pool.layout;
+        ensure_arg!(
+            q.shape.len() == 3,
+            "attention: q must be [query rows, n_q_heads, head_dim], got {:?}",
+            q.shape
+        );
+        let (rows, n_q_heads, hd) = (q.shape[0], q.shape[1], q.shape[2]);
+        ensure_arg!(
+            hd == l.head_dim as usize,
+            "attention: q head_dim {hd} != pool head_dim {}",
+            l.head_dim
+        );
+        ensure_arg!(
+            n_q_heads > 0 && n_q_heads % l.n_kv_heads as usize == 0,
+            "attention: n_q_heads ({n_q_heads}) is not a multiple of n_kv_heads ({})",
+            l.n_kv_heads
+        );
+        ensure_arg!(
+            rows == batch.total_query,
+            "attention: q has {rows} rows, the batch has {} query tokens",
+            batch.total_query
+        );
+        expect(q, "attention q", DType::F32, rows * n_q_heads * hd)?;
+        expect(out, "attention out", DType::F32, rows * n_q_heads * hd)?;
+        expect(
+            &batch.meta,
+            "attention seq meta",
+            DType::U32,
+            batch.n_seqs * 4,
+        )?;
+        ensure_arg!(
+            batch.n_seqs as u64 <= u64::from(self.features().max_workgroups_per_dim),
+            "attention: {} sequences exceed one dispatch",
+            batch.n_seqs
+        );
+        Ok(Checked {
+            n_q_heads: u32_of("n_q_heads", n_q_heads)?,
+            group: u32_of("group", n_q_heads / l.n_kv_heads as usize)?,
+            hd: l.head_dim,
+            sk: self.elem_storage(pool.k.dtype)?,
+            sv: self.elem_storage(pool.v.dtype)?,
+        })
+    }
+
+    fn attention_kernel(
+        &self,
+        decode: bool,
+        c: &Checked,
+        p: Plan,
+    ) -> Result<std::sync::Arc<crate::pipeline::Kernel>> {
+        let key = PipelineKey {
+            kernel: if decode {
+                "attn_decode_split"
+            } else {
+                "attn_prefill"
+            },
+            elems: vec![c.sk, c.sv],
+            params: vec![("hd", c.hd), ("r", p.r), ("bk", p.bk), ("s", p.split)],
+        };
+        let mut binds = vec![
+            Bind::Uniform,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::ReadWrite,
+        ];
+        if decode {
+            binds.push(Bind::ReadWrite);
+        }
+        let (sk, sv) = (c.sk, c.sv);
+        let hd = c.hd;
+        self.kernel(key, &binds, |name| {
+            let (ml_decl, ml_write) = if decode {
+                (
+                    "@group(0) @binding(7) var<storage, read_write> ml: array<f32>;",
+                    "if (lid < R) {
+        let row = row_info(lid, wid, q0, nq, kvl);
+        if (row.valid) {
+            let slot = (seq * p.n_q_heads + row.qh) * p.n_splits + wid.x;
+            ml[slot * 2u] = m_s[lid];
+            ml[slot * 2u + 1u] = l_s[lid];
+        }
+    }",
+                )
+            } else {
+                ("", "")
+            };
+            let body = render(
+                name,
+                SRC,
+                &[
+                    ("K_DECL", elem_buffer("k", 4, sk, false)),
+                    ("V_DECL", elem_buffer("v", 5, sv, false)),
+                    ("ML_DECL", ml_decl.to_owned()),
+                    ("ML_WRITE", ml_write.to_owned()),
+                    ("HD", hd.to_string()),
+                    ("R", p.r.to_string()),
+                    ("BK", p.bk.to_string()),
+                    ("WG", WG.to_string()),
+                    ("SPLIT", p.split.to_string()),
+                    ("NACC", p.nacc.to_string()),
+                    ("DECODE", decode.to_string()),
+                ],
+            )?;
+            Ok(with_f16_header(&[sk, sv], body))
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_params(
+        &self,
+        c: &Checked,
+        pool: &KvPool<'_>,
+        k_off: u64,
+        v_off: u64,
+        chunk: u32,
+        n_splits: u32,
+        row_groups: u32,
+    ) -> Result<wgpu::Buffer> {
+        let l = pool.layout;
+        Ok(self.uniform(&[
+            c.n_q_heads,
+            l.n_kv_heads,
+            c.group,
+            (1.0 / (c.hd as f32).sqrt()).to_bits(),
+            l.block_size,
+            u32_of("k base", k_off as usize)?,
+            u32_of("v base", v_off as usize)?,
+            l.block_stride,
+            l.head_stride,
+            l.token_stride,
+            chunk,
+            n_splits,
+            row_groups,
+        ]))
+    }
+
+    /// Causal attention for every query row of `batch`: `q` and `out` are
+    /// `[total_query, n_q_heads, head_dim]` f32 (rows of each sequence consecutive, in batch
+    /// order); the K/V of all `kv_len` tokens of each sequence must already be in `pool`
+    /// (append first, with [`GpuContext::kv_append`]).
+    pub fn attention_prefill(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &GpuTensor,
+        batch: &SeqBatch,
+        pool: &KvPool<'_>,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        let c = self.check_attention(q, batch, pool, out)?;
+        let p = plan(c.hd, c.group, false, self.features().max_workgroup_storage)?;
+        let kernel = self.attention_kernel(false, &c, p)?;
+        let l = pool.layout;
+        let (kb, k_off) = self.window(
+            "attention k pool",
+            &pool.k.buffer,
+            pool.k_base,
+            l.extent(),
+            c.sk.elem_bytes(),
+        )?;
+        let (vb, v_off) = self.window(
+            "attention v pool",
+            &pool.v.buffer,
+            pool.v_base,
+            l.extent(),
+            c.sv.elem_bytes(),
+        )?;
+        let params = self.attention_params(&c, pool, k_off, v_off, 0, 1, 1)?;
+        let tiles = u32_of("query tiles", batch.max_query.div_ceil(p.r as usize))?;
+        ensure_arg!(
+            tiles <= self.features().max_workgroups_per_dim,
+            "attention_prefill: {} query rows per sequence exceed one dispatch",
+            batch.max_query
+        );
+        self.dispatch(
+            encoder,
+            &kernel,
+            &[
+                params.as_entire_binding(),
+                whole(q),
+                whole(&batch.meta),
+                whole(&batch.block_tables),
+                kb,
+                vb,
+                whole(out),
+            ],
+            (tiles, c.n_q_heads, batch.n_seqs as u32),
+        );
+        Ok(())
+    }
+
+    /// Decode attention: one query per sequence (`batch.max_query == 1`); `q` and `out` are
+    /// `[n_seqs, n_q_heads, head_dim]` f32. Records two dispatches (split, then reduce) that
+    /// use a scratch buffer owned by the context.
+    pub fn attention_decode(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &GpuTensor,
+        batch: &SeqBatch,
+        pool: &KvPool<'_>,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        self.attention_decode_chunked(encoder, q, batch, pool, out, None)
+    }
+
+    /// [`GpuContext::attention_decode`] with the keys per split fixed to `chunk` instead of
+    /// chosen by the occupancy heuristic (for tuning and tests; any `chunk >= 1` is correct).
+    pub fn attention_decode_chunked(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &GpuTensor,
+        batch: &SeqBatch,
+        pool: &KvPool<'_>,
+        out: &GpuTensor,
+        chunk: Option<usize>,
+    ) -> Result<()> {
+        ensure_arg!(chunk != Some(0), "attention_decode: chunk must be >= 1");
+        ensure_arg!(
+            batch.max_query == 1,
+            "attention_decode: every sequence must have exactly one query (max is {}); use attention_prefill",
+            batch.max_query
+        );
+        let c = self.check_attention(q, batch, pool, out)?;
+        let p = plan(c.hd, c.group, true, self.features().max_workgroup_storage)?;
+        let l = pool.layout;
+
+        // Split heuristic: enough splits that the dispatch has about
+        // DECODE_TARGET_WORKGROUPS workgroups, but at least DECODE_MIN_CHUNK keys per split.
+        let per_split = batch.n_seqs * l.n_kv_heads as usize * p.row_groups as usize;
+        let want = DECODE_TARGET_WORKGROUPS
+            .div_ceil(per_split)
+            .clamp(1, DECODE_MAX_SPLITS);
+        let max_kv = batch.max_kv_len.max(1);
+        let bk = p.bk as usize;
+        let mut chunk =
+            chunk.unwrap_or_else(|| max_kv.div_ceil(want).max(DECODE_MIN_CHUNK).div_ceil(bk) * bk);
+        let heads = batch.n_seqs * c.n_q_heads as usize;
+        let max_bytes = self.features().max_storage_binding as usize;
+        while max_kv.div_ceil(chunk) * heads * c.hd as usize * 4 > max_bytes {
+            chunk *= 2;
+        }
+        let n_splits = max_kv.div_ceil(chunk);
+        ensure_arg!(
+            n_splits as u64 <= u64::from(self.features().max_workgroups_per_dim),
+            "attention_decode: too many splits"
+        );
+
+        let part_elems = (heads * n_splits * c.hd as usize) as u64;
+        let ml_elems = (heads * n_splits * 2) as u64;
+        let align = u64::from(self.features().storage_offset_alignment.max(4)) / 4;
+        let ml_first = part_elems.div_ceil(align) * align;
+        let scratch = self.scratch_buffer((ml_first + ml_elems) * 4)?;
+        let (part_b, _) = self.window("decode partials", &scratch, 0, part_elems, 4)?;
+        let (ml_b, _) = self.window("decode partial stats", &scratch, ml_first, ml_elems, 4)?;
+
+        let kernel = self.attention_kernel(true, &c, p)?;
+        let (kb, k_off) = self.window(
+            "attention k pool",
+            &pool.k.buffer,
+            pool.k_base,
+            l.extent(),
+            c.sk.elem_bytes(),
+        )?;
+        let (vb, v_off) = self.window(
+            "attention v pool",
+            &pool.v.buffer,
+            pool.v_base,
+            l.extent(),
+            c.sv.elem_bytes(),
+        )?;
+        let params = self.attention_params(
+            &c,
+            pool,
+            k_off,
+            v_off,
+            chunk as u32,
+            n_splits as u32,
+            p.row_groups,
+        )?;
+        self.dispatch(
+            encoder,
+            &kernel,
+            &[
+                params.as_entire_binding(),
+                whole(q),
+                whole(&batch.meta),
+                whole(&batch.block_tables),
+                kb,
+                vb,
+                part_b.clone(),
+                ml_b.clone(),
+            ],
+            (
+                n_splits as u32,
+                l.n_kv_heads * p.row_groups,
+                batch.n_seqs as u32,
+            ),
+        );
+
+        let key = PipelineKey {
+            kernel: "attn_decode_reduce",
+            elems: vec![],
+            params: vec![("hd", c.hd)],
+        };
+        let hd = c.hd;
+        let reduce = self.kernel(
+            key,
+            &[
+                Bind::Uniform,
+                Bind::Read,
+                Bind::Read,
+                Bind::Read,
+                Bind::ReadWrite,
+            ],
+            |name| render(name, REDUCE_SRC, &[("HD", hd.to_string())]),
+        )?;
+        let rparams = self.uniform(&[c.n_q_heads, n_splits as u32]);
+        self.dispatch(
+            encoder,
+            &reduce,
+            &[
+                rparams.as_entire_binding(),
+                whole(&batch.meta),
+                part_b,
+                ml_b,
+                whole(out),
+            ],
+            (c.n_q_heads, batch.n_seqs as u32, 1),
+        );
+        Ok(())
+    }
+
+    /// The context's scratch buffer, grown to at least `bytes`. Work already recorded keeps
+    /// the old buffer alive, so growing between recorded dispatches is safe.
+    fn scratch_buffer(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut guard = self
+            .scratch
+            .lock()
+            .map_err(|_| GpuError::Device("scratch lock poisoned".into()))?;
+        if let Some(b) = guard.as_ref()
+            && b.size() >= bytes
+        {
+            return Ok(b.clone());
+        }
+        if bytes > self.features().max_buffer_size {
+            return Err(GpuError::NotAvailable(format!(
+                "decode attention needs {bytes} bytes of scratch, above the adapter's buffer limit"
+            )));
+        }
+        let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("cla attention scratch"),
+            size: bytes
+                .next_power_of_two()
+                .min(self.features().max_buffer_size)
+                .max(bytes),
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        *guard = Some(b.clone());
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,382 @@
+//! Property tests of kv_append, prefill attention and decode attention against a naive CPU
+//! reference, on random paged layouts (shuffled block ids, padded strides, non-zero bases).
+
+// The references index like the math they follow.
+#![allow(clippy::needless_range_loop)]
+
+use proptest::prelude::*;
+
+use crate::context::GpuContext;
+use crate::paged::{KvPool, PagedKvLayout, SeqBatch, SeqDesc};
+use crate::testing::{POISON, assert_close, both_ctx, cases, ctx, round_f16, values};
+use crate::{DType, GpuTensor};
+
+/// A random batch: per-sequence K/V for every cached token, in a shuffled paged pool.
+#[derive(Debug, Clone)]
+struct Scenario {
+    n_kv_heads: usize,
+    group: usize,
+    hd: usize,
+    block_size: usize,
+    /// (kv_len, n_query) per sequence.
+    seqs: Vec<(usize, usize)>,
+    f16: bool,
+    /// Decode keys per split (None: the heuristic).
+    chunk: Option<usize>,
+    /// Extra elements between tokens (strided layout) and a non-zero pool base.
+    pad: usize,
+    seed: u64,
+}
+
+fn scenario(decode: bool) -> impl Strategy<Value = Scenario> {
+    (
+        1usize..4,
+        prop::sample::select(vec![1usize, 2, 3, 5, 8]),
+        prop::sample::select(vec![2usize, 8, 46, 64, 90]),
+        prop::sample::select(vec![1usize, 3, 4, 16]),
+        prop::collection::vec((1usize..70, 1usize..24), 1..4),
+        any::<bool>(),
+        prop::sample::select(vec![None, Some(1usize), Some(7), Some(32)]),
+        prop::sample::select(vec![0usize, 2]),
+        any::<u64>(),
+    )
+        .prop_map(
+            move |(n_kv_heads, group, hd, block_size, seqs, f16, chunk, pad, seed)| {
+                let seqs = seqs
+                    .into_iter()
+                    .map(|(kv, nq)| (kv, if decode { 1 } else { nq.min(kv) }))
+                    .collect();
+                Scenario {
+                    n_kv_heads,
+                    group,
+                    hd,
+                    block_size,
+                    seqs,
+                    f16,
+                    chunk,
+                    pad,
+                    seed,
+                }
+            },
+        )
+}
+
+struct Built {
+    layout: PagedKvLayout,
+    tables: Vec<Vec<u32>>,
+    /// Per sequence: K and V as [kv_len, n_kv_heads, hd] (rounded through f16 if the pool is).
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    k_pool: GpuTensor,
+    v_pool: GpuTensor,
+    base: u64,
+}
+
+impl Scenario {
+    fn n_q_heads(&self) -> usize {
+        self.n_kv_heads * self.group
+    }
+
+    /// Makes the pool and appends every cached token of every sequence with kv_append.
+    fn build(&self, c: &GpuContext) -> Built {
+        let bs = self.block_size;
+        let needed: usize = self.seqs.iter().map(|s| s.0.div_ceil(bs)).sum();
+        let num_blocks = needed + 3;
+        // Shuffled block ids: tables are non-contiguous and interleaved across sequences.
+        let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+        let mut s = self.seed | 1;
+        for i in (1..ids.len()).rev() {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ids.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let mut next = 0;
+        let tables: Vec<Vec<u32>> = self
+            .seqs
+            .iter()
+            .map(|&(kv, _)| {
+                let t = ids[next..next + kv.div_ceil(bs)].to_vec();
+                next += t.len();
+                t
+            })
+            .collect();
+        let (h, hd) = (self.n_kv_heads as u32, self.hd as u32);
+        let layout = if self.pad == 0 {
+            PagedKvLayout::contiguous(num_blocks as u32, bs as u32, h, hd)
+        } else {
+            // Token-major inside a block, heads interleaved, padded rows.
+            let token_stride = h * (hd + self.pad as u32);
+            PagedKvLayout {
+                block_size: bs as u32,
+                num_blocks: num_blocks as u32,
+                n_kv_heads: h,
+                head_dim: hd,
+                block_stride: token_stride * bs as u32 + 4,
+                head_stride: hd + self.pad as u32,
+                token_stride,
+            }
+        };
+        let base = if self.pad == 0 { 0 } else { 6 };
+        let pool_len = base as usize + layout.extent() as usize + 2;
+        let dt = if self.f16 { DType::F16 } else { DType::F32 };
+        let k_pool = c.create_tensor(&[pool_len], dt, "k pool").unwrap();
+        let v_pool = c.create_tensor(&[pool_len], dt, "v pool").unwrap();
+        let row = self.n_kv_heads * self.hd;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for (i, &(kv, _)) in self.seqs.iter().enumerate() {
+            let mut ks = values(self.seed ^ (100 + i as u64), kv * row);
+            let mut vs = values(self.seed ^ (200 + i as u64), kv * row);
+            if self.f16 {
+                ks = round_f16(&ks);
+                vs = round_f16(&vs);
+            }
+            k.push(ks);
+            v.push(vs);
+        }
+        // Append every cached token (n_query = kv_len gives the slots of all of them).
+        let all: Vec<SeqDesc> = self
+            .seqs
+            .iter()
+            .zip(&tables)
+            .map(|(&(kv, _), t)| SeqDesc {
+                n_query: kv,
+                kv_len: kv,
+                block_table: t,
+            })
+            .collect();
+        let batch = SeqBatch::upload(c, &all, &layout).unwrap();
+        let total = batch.total_query;
+        let kn = c
+            .upload_f32(&k.concat(), &[total, self.n_kv_heads, self.hd])
+            .unwrap();
+        let vn = c
+            .upload_f32(&v.concat(), &[total, self.n_kv_heads, self.hd])
+            .unwrap();
+        let mut enc = c.encoder();
+        let pool = KvPool {
+            k: &k_pool,
+            v: &v_pool,
+            k_base: base,
+            v_base: base,
+            layout,
+        };
+        c.kv_append(&mut enc, &kn, &vn, &batch.slots, &pool)
+            .unwrap();
+        c.submit_and_wait(enc).unwrap();
+        Built {
+            layout,
+            tables,
+            k,
+            v,
+            k_pool,
+            v_pool,
+            base,
+        }
+    }
+
+    /// Reference attention for the last n_query tokens of each sequence:
+    /// [total_query, n_q_heads, hd].
+    fn reference(&self, b: &Built, q: &[f32]) -> Vec<f32> {
+        let (hq, hd, hk) = (self.n_q_heads(), self.hd, self.n_kv_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = Vec::new();
+        let mut row0 = 0;
+        for (si, &(kv, nq)) in self.seqs.iter().enumerate() {
+            for i in 0..nq {
+                let pos = kv - nq + i;
+                for h in 0..hq {
+                    let kvh = h / self.group;
+                    let qv = &q[((row0 + i) * hq + h) * hd..][..hd];
+                    let scores: Vec<f64> = (0..=pos)
+                        .map(|t| {
+                            let kr = &b.k[si][(t * hk + kvh) * hd..][..hd];
+                            qv.iter()
+                                .zip(kr)
+                                .map(|(&a, &bb)| f64::from(a) * f64::from(bb))
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    for d in 0..hd {
+                        let o: f64 = (0..=pos)
+                            .map(|t| w[t] * f64::from(b.v[si][(t * hk + kvh) * hd + d]))
+                            .sum();
+                        out.push((o / sum) as f32);
+                    }
+                }
+            }
+            row0 += nq;
+        }
+        out
+    }
+
+    fn run(&self, c: &GpuContext, decode: bool) {
+        let b = self.build(c);
+        let descs: Vec<SeqDesc> = self
+            .seqs
+            .iter()
+            .zip(&b.tables)
+            .map(|(&(kv, nq), t)| SeqDesc {
+                n_query: nq,
+                kv_len: kv,
+                block_table: t,
+            })
+            .collect();
+        let batch = SeqBatch::upload(c, &descs, &b.layout).unwrap();
+        let rows = batch.total_query;
+        // Queries of magnitude up to 3 so the softmax is far from uniform.
+        let q: Vec<f32> = values(self.seed ^ 7, rows * self.n_q_heads() * self.hd)
+            .iter()
+            .map(|x| x * 3.0)
+            .collect();
+        let tq = c
+            .upload_f32(&q, &[rows, self.n_q_heads(), self.hd])
+            .unwrap();
+        let out = c
+            .create_tensor(&[rows, self.n_q_heads(), self.hd], DType::F32, "attn out")
+            .unwrap();
+        c.fill_u32_pattern(&out, POISON);
+        let pool = KvPool {
+            k: &b.k_pool,
+            v: &b.v_pool,
+            k_base: b.base,
+            v_base: b.base,
+            layout: b.layout,
+        };
+        let mut enc = c.encoder();
+        if decode {
+            c.attention_decode_chunked(&mut enc, &tq, &batch, &pool, &out, self.chunk)
+                .unwrap();
+        } else {
+            c.attention_prefill(&mut enc, &tq, &batch, &pool, &out)
+                .unwrap();
+        }
+        c.submit_and_wait(enc).unwrap();
+        let got = c.read_f32(&out).unwrap();
+        let tol = if self.f16 { 1e-2 } else { 1e-5 };
+        assert_close(
+            &format!("attention decode={decode} {self:?}"),
+            &got,
+            &self.reference(&b, &q),
+            tol,
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(16))]
+
+    #[test]
+    fn prefill_attention_matches_cpu(s in scenario(false)) {
+        s.run(ctx(), false);
+    }
+
+    #[test]
+    fn decode_attention_matches_cpu(s in scenario(true)) {
+        s.run(ctx(), true);
+    }
+
+    #[test]
+    fn kv_append_places_every_element(s in scenario(false)) {
+        for c in both_ctx() {
+            let b = s.build(c);
+            let kp = c.read_f32(&b.k_pool).unwrap();
+            let vp = c.read_f32(&b.v_pool).unwrap();
+            let l = b.layout;
+            let (hk, hd) = (s.n_kv_heads, s.hd);
+            for (si, &(kv, _)) in s.seqs.iter().enumerate() {
+                for t in 0..kv {
+                    let blk = b.tables[si][t / s.block_size] as u64;
+                    for h in 0..hk {
+                        for d in 0..hd {
+                            let idx = b.base + blk * u64::from(l.block_stride)
+                                + h as u64 * u64::from(l.head_stride)
+                                + (t % s.block_size) as u64 * u64::from(l.token_stride)
+                                + d as u64;
+                            let src = (t * hk + h) * hd + d;
+                            prop_assert_eq!(kp[idx as usize], b.k[si][src]);
+                            prop_assert_eq!(vp[idx as usize], b.v[si][src]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Long-ish sequences in decode so that the split/reduce path runs with many splits, head_dim
+/// 128, and the portable (packed f16) path.
+#[test]
+fn decode_with_many_splits_and_portable_f16() {
+    for (i, c) in both_ctx().into_iter().enumerate() {
+        let s = Scenario {
+            n_kv_heads: 2,
+            group: 4,
+            hd: 128,
+            block_size: 16,
+            seqs: vec![(700, 1), (300, 1), (1, 1)],
+            f16: true,
+            chunk: None,
+            pad: if i == 0 { 0 } else { 2 },
+            seed: 42,
+        };
+        s.run(c, true);
+        let prefill = Scenario {
+            seqs: vec![(200, 37), (5, 5)],
+            ..s.clone()
+        };
+        prefill.run(c, false);
+    }
+}
+
+#[test]
+fn attention_rejects_bad_shapes() {
+    let c = ctx();
+    let layout = PagedKvLayout::contiguous(4, 4, 2, 8);
+    let k = c
+        .create_tensor(&[layout.extent() as usize], DType::F32, "k")
+        .unwrap();
+    let table = [0u32, 1];
+    let batch = SeqBatch::upload(
+        c,
+        &[SeqDesc {
+            n_query: 1,
+            kv_len: 5,
+            block_table: &table,
+        }],
+        &layout,
+    )
+    .unwrap();
+    let pool = KvPool {
+        k: &k,
+        v: &k,
+        k_base: 0,
+        v_base: 0,
+        layout,
+    };
+    // 3 query heads over 2 kv heads.
+    let q = c.create_tensor(&[1, 3, 8], DType::F32, "q").unwrap();
+    let mut enc = c.encoder();
+    let err = c
+        .attention_decode(&mut enc, &q, &batch, &pool, &q.clone())
+        .unwrap_err();
+    assert!(matches!(err, crate::GpuError::InvalidArgument(_)), "{err}");
+    // Block id past the pool.
+    let bad = [0u32, 9];
+    let err = SeqBatch::upload(
+        c,
+        &[SeqDesc {
+            n_query: 1,
+            kv_len: 5,
+            block_table: &bad,
+        }],
+        &layout,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("num_blocks"), "{err}");
+}

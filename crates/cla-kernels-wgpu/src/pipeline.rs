@@ -1,0 +1,384 @@
+//! Pipeline variants: the small WGSL preprocessing step, the cache key, and dispatch helpers.
+//!
+//! Every kernel is a WGSL template (one file per op family under `shaders/`) with `{{NAME}}`
+//! placeholders for compile-time constants (head dim, tile sizes, workgroup size) and for the
+//! declarations of buffers whose element type varies. Element access goes through generated
+//! functions (`w_ld(i)`, `k_st2(i, v)`) so one template serves f32, native f16 and packed f16
+//! (`u32` words read with `unpack2x16float`, for adapters without `SHADER_F16`).
+//!
+//! Pipelines are built on first use and cached behind a [`PipelineKey`]; the key's
+//! [`PipelineKey::name`] is deterministic (`attn_decode_f16_hd128_r8_bk16`) and is the label
+//! wgpu reports in errors.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::context::GpuContext;
+use crate::error::{GpuError, Result};
+use crate::tensor::DType;
+
+/// How a shader reads and writes one buffer's elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElemStorage {
+    /// `array<f32>`.
+    F32,
+    /// `array<f16>` (needs `SHADER_F16`).
+    F16,
+    /// f16 pairs in `array<u32>`, read with `unpack2x16float`; writes are done in pairs.
+    F16Packed,
+}
+
+impl ElemStorage {
+    /// Short name used in variant names.
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemStorage::F32 => "f32",
+            ElemStorage::F16 => "f16",
+            ElemStorage::F16Packed => "f16p",
+        }
+    }
+
+    /// Bytes per element in memory.
+    pub fn elem_bytes(self) -> u64 {
+        match self {
+            ElemStorage::F32 => 4,
+            ElemStorage::F16 | ElemStorage::F16Packed => 2,
+        }
+    }
+}
+
+impl GpuContext {
+    /// The storage a kernel uses for a float tensor of `dtype` on this device.
+    pub fn elem_storage(&self, dtype: DType) -> Result<ElemStorage> {
+        match dtype {
+            DType::F32 => Ok(ElemStorage::F32),
+            DType::F16 if self.features().shader_f16 => Ok(ElemStorage::F16),
+            DType::F16 => Ok(ElemStorage::F16Packed),
+            DType::U32 => Err(GpuError::InvalidArgument(
+                "expected a float tensor (f32 or f16), got u32".into(),
+            )),
+        }
+    }
+}
+
+/// WGSL declaration of a float buffer plus its accessor functions:
+/// `NAME_ld(i) -> f32`, `NAME_ld2(i) -> vec2<f32>` (i even) and, when writable,
+/// `NAME_st2(i, v)` (i even) and `NAME_st(i, v)` (not for packed f16, where a lone half-word
+/// write would race with its neighbour).
+pub(crate) fn elem_buffer(
+    name: &str,
+    binding: u32,
+    storage: ElemStorage,
+    writable: bool,
+) -> String {
+    let access = if writable { "read_write" } else { "read" };
+    let mut s = String::new();
+    match storage {
+        ElemStorage::F32 | ElemStorage::F16 => {
+            let t = if storage == ElemStorage::F32 {
+                "f32"
+            } else {
+                "f16"
+            };
+            s += &format!(
+                "@group(0) @binding({binding}) var<storage, {access}> {name}: array<{t}>;\n\
+                 fn {name}_ld(i: u32) -> f32 {{ return f32({name}[i]); }}\n\
+                 fn {name}_ld2(i: u32) -> vec2<f32> {{ return vec2<f32>(f32({name}[i]), f32({name}[i + 1u])); }}\n"
+            );
+            if writable {
+                s += &format!(
+                    "fn {name}_st(i: u32, val: f32) {{ {name}[i] = {t}(val); }}\n\
+                     fn {name}_st2(i: u32, val: vec2<f32>) {{ {name}[i] = {t}(val.x); {name}[i + 1u] = {t}(val.y); }}\n"
+                );
+            }
+        }
+        ElemStorage::F16Packed => {
+            s += &format!(
+                "@group(0) @binding({binding}) var<storage, {access}> {name}: array<u32>;\n\
+                 fn {name}_ld(i: u32) -> f32 {{ let p = unpack2x16float({name}[i >> 1u]); return select(p.x, p.y, (i & 1u) == 1u); }}\n\
+                 fn {name}_ld2(i: u32) -> vec2<f32> {{ return unpack2x16float({name}[i >> 1u]); }}\n"
+            );
+            if writable {
+                s += &format!(
+                    "fn {name}_st2(i: u32, val: vec2<f32>) {{ {name}[i >> 1u] = pack2x16float(val); }}\n"
+                );
+            }
+        }
+    }
+    s
+}
+
+/// Fills `{{NAME}}` placeholders. Fails (as a pipeline error) if any is left unfilled.
+pub(crate) fn render(name: &str, template: &str, vars: &[(&str, String)]) -> Result<String> {
+    let mut out = template.to_owned();
+    for (k, v) in vars {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    if let Some(pos) = out.find("{{") {
+        let end = out[pos..].find("}}").map_or(out.len(), |e| pos + e + 2);
+        return Err(GpuError::Pipeline {
+            name: name.to_owned(),
+            message: format!("unfilled placeholder {}", &out[pos..end]),
+        });
+    }
+    Ok(out)
+}
+
+/// Prefixes `enable f16;` when any storage is native f16.
+pub(crate) fn with_f16_header(storages: &[ElemStorage], body: String) -> String {
+    if storages.contains(&ElemStorage::F16) {
+        format!("enable f16;\n{body}")
+    } else {
+        body
+    }
+}
+
+/// Identifies one pipeline variant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PipelineKey {
+    /// Kernel family and entry, e.g. `attn_decode`.
+    pub kernel: &'static str,
+    /// Element storage of the buffers whose type varies, in binding order.
+    pub elems: Vec<ElemStorage>,
+    /// Compile-time constants, in a fixed order, e.g. `[("hd", 128), ("r", 8)]`.
+    pub params: Vec<(&'static str, u32)>,
+}
+
+impl PipelineKey {
+    /// Deterministic variant name: kernel, element types, then `{param}{value}` parts.
+    pub fn name(&self) -> String {
+        let mut s = self.kernel.to_owned();
+        for e in &self.elems {
+            s.push('_');
+            s.push_str(e.name());
+        }
+        for (k, v) in &self.params {
+            s.push_str(&format!("_{k}{v}"));
+        }
+        s
+    }
+}
+
+/// Kinds of bindings, in binding order (binding `i` is `bindings[i]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bind {
+    Uniform,
+    Read,
+    ReadWrite,
+}
+
+/// A built pipeline with the bind-group layout its wrapper declared.
+#[derive(Debug)]
+pub(crate) struct Kernel {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Lazily filled map from key to pipeline.
+#[derive(Default)]
+pub(crate) struct PipelineCache {
+    map: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
+}
+
+impl PipelineCache {
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .map
+            .lock()
+            .map(|m| m.keys().map(PipelineKey::name).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl GpuContext {
+    /// Returns the cached pipeline for `key`, building it from `source()` on first use.
+    pub(crate) fn kernel(
+        &self,
+        key: PipelineKey,
+        bindings: &[Bind],
+        source: impl FnOnce(&str) -> Result<String>,
+    ) -> Result<Arc<Kernel>> {
+        let lock_err = || GpuError::Device("pipeline cache poisoned".into());
+        if let Some(k) = self.pipelines.map.lock().map_err(|_| lock_err())?.get(&key) {
+            return Ok(Arc::clone(k));
+        }
+        let name = key.name();
+        let src = source(&name)?;
+        let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupLayoutEntry {
+                binding: i as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: match b {
+                        Bind::Uniform => wgpu::BufferBindingType::Uniform,
+                        Bind::Read => wgpu::BufferBindingType::Storage { read_only: true },
+                        Bind::ReadWrite => wgpu::BufferBindingType::Storage { read_only: false },
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            })
+            .collect();
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&name),
+                entries: &entries,
+            });
+        let pl = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&name),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&name),
+                source: wgpu::ShaderSource::Wgsl(src.into()),
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&name),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions::default(),
+                cache: None,
+            });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(GpuError::Pipeline {
+                name,
+                message: err.to_string(),
+            });
+        }
+        let k = Arc::new(Kernel { pipeline, layout });
+        self.pipelines
+            .map
+            .lock()
+            .map_err(|_| lock_err())?
+            .insert(key, Arc::clone(&k));
+        Ok(k)
+    }
+
+    /// A uniform buffer holding `words` (padded to 16 bytes).
+    pub(crate) fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
+        let mut w = words.to_vec();
+        w.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("cla params"),
+                contents: bytemuck::cast_slice(&w),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+    }
+
+    /// Records one dispatch of `kernel` with `resources` bound in order.
+    pub(crate) fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        kernel: &Kernel,
+        resources: &[wgpu::BindingResource<'_>],
+        groups: (u32, u32, u32),
+    ) {
+        if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
+            return;
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = resources
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: r.clone(),
+            })
+            .collect();
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &kernel.layout,
+            entries: &entries,
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    /// Splits `n` workgroups into an `(x, y)` grid within the per-dimension limit; shaders
+    /// linearise it as `wid.x + wid.y * nwg.x` and skip ids `>= n`.
+    pub(crate) fn grid(&self, n: u64) -> Result<(u32, u32)> {
+        let max = u64::from(self.features().max_workgroups_per_dim.max(1));
+        if n <= max {
+            return Ok((n as u32, 1));
+        }
+        let y = n.div_ceil(max);
+        if y > max {
+            return Err(GpuError::NotAvailable(format!(
+                "{n} workgroups exceed the adapter's {max}x{max} grid"
+            )));
+        }
+        Ok((max as u32, y as u32))
+    }
+
+    /// Checks a binding size against the adapter's limit.
+    pub(crate) fn check_binding(&self, what: &str, bytes: u64) -> Result<()> {
+        let max = self.features().max_storage_binding;
+        if bytes > max {
+            return Err(GpuError::NotAvailable(format!(
+                "{what}: a binding of {bytes} bytes exceeds the adapter's storage binding limit of {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Binds `elems` elements of `elem_bytes` starting at element `first` of `buffer`, through
+    /// a window whose offset respects the adapter's alignment. Returns the binding and the
+    /// element offset of `first` inside the window. Lets one large buffer (e.g. a KV pool of
+    /// many layers) be read in per-layer windows below the binding limit.
+    pub(crate) fn window<'a>(
+        &self,
+        what: &str,
+        buffer: &'a wgpu::Buffer,
+        first: u64,
+        elems: u64,
+        elem_bytes: u64,
+    ) -> Result<(wgpu::BindingResource<'a>, u64)> {
+        let align = u64::from(self.features().storage_offset_alignment.max(4));
+        let start = first * elem_bytes;
+        let offset = start / align * align;
+        let end = (start + elems * elem_bytes).div_ceil(4) * 4;
+        if end > buffer.size() {
+            return Err(GpuError::InvalidArgument(format!(
+                "{what}: elements up to byte {end} are addressed but the buffer has {} bytes",
+                buffer.size()
+            )));
+        }
+        let size = end - offset;
+        self.check_binding(what, size)?;
+        Ok((
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: wgpu::BufferSize::new(size.max(4)),
+            }),
+            (start - offset) / elem_bytes,
+        ))
+    }
+}
+
+/// Whole-buffer binding of a tensor.
+pub(crate) fn whole(t: &crate::tensor::GpuTensor) -> wgpu::BindingResource<'_> {
+    t.buffer.as_entire_binding()
+}
