@@ -47,7 +47,7 @@ PRESETS = {
     "small": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4, head_dim=64,
                   context=256, batch_size=64),
     # For a CPU dry run of the whole pipeline.
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4, head_dim=16,
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=5, num_attention_heads=4, head_dim=16,
                  context=64, batch_size=8),
 }
 
@@ -154,12 +154,15 @@ def gpu_info() -> tuple[int, list[float]]:
             return len(free), free
     except (OSError, subprocess.SubprocessError):
         pass
+    # No nvidia-smi: ask torch in a child process, so that this process holds no CUDA context.
+    probe = ("import json, torch\n"
+             "n = torch.cuda.device_count()\n"
+             "print(json.dumps([torch.cuda.mem_get_info(i)[0] / 2**30 for i in range(n)]))")
     try:
-        import torch
-
-        n = torch.cuda.device_count()
-        return n, [float("nan")] * n
-    except Exception:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        free = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+        return len(free), free
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return 0, []
 
 
@@ -244,12 +247,25 @@ def cmd_grid(args) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(PKG_PARENT) + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(gpu) if not os.environ.get("CUDA_VISIBLE_DEVICES") else \
                 os.environ["CUDA_VISIBLE_DEVICES"].split(",")[gpu]
         workers.append(Worker(run, cmd, env, run_dir, gpu))
 
+    try:
+        tokens = _run_workers(args, workers, capacity, sync, preset, auto)
+    finally:
+        for w in workers:  # never leave a process of ours behind (error or hard stop)
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.kill()
+    (work / "grid.json").write_text(json.dumps({
+        "tokens_per_run": tokens, "runs": [w.run.name for w in workers], "capacity": capacity,
+        "n_gpus": n_gpus, "wall_seconds": time.time() - T0, "preset": args.preset,
+    }, indent=1) + "\n")
+    log(f"grid done in {time.time() - T0:.0f}s")
+
+
+def _run_workers(args, workers, capacity, sync, preset, auto) -> int:
     first = workers[:capacity]
     rest = workers[capacity:]
     tokens_per_step = preset["batch_size"] * preset["context"]
@@ -285,6 +301,13 @@ def cmd_grid(args) -> None:
             log(f"started {w.run.name}")
         if not running and not queue:
             break
+        if time.time() > T0 + args.wall_budget - args.hard_stop_margin:
+            for w in running:
+                log(f"hard stop: killing {w.run.name} (still running at the wall budget)")
+                w.proc.kill()
+            for w in queue:
+                log(f"hard stop: {w.run.name} never started")
+            break
         if time.time() - last_report > args.progress_every:
             last_report = time.time()
             prog = []
@@ -297,11 +320,7 @@ def cmd_grid(args) -> None:
                     prog.append("?")
             log(f"running {len(running)}, queued {len(queue)}; steps: {' '.join(prog)}")
         time.sleep(0.5)
-    (work / "grid.json").write_text(json.dumps({
-        "tokens_per_run": tokens, "runs": [w.run.name for w in workers], "capacity": capacity,
-        "n_gpus": n_gpus, "wall_seconds": time.time() - T0, "preset": args.preset,
-    }, indent=1) + "\n")
-    log(f"grid done in {time.time() - T0:.0f}s")
+    return tokens
 
 
 def _run_status(run_dir: Path) -> str:
@@ -328,6 +347,7 @@ def calibrate(args, workers, sync: Path, tokens_per_step: int, n_runs: int, capa
     for w in workers:
         if w.poll() is not None:
             log(f"worker {w.run.name} died before calibration:\n{w.tail()}")
+    t_ready = time.time()
     (sync / "go").write_text("1")
     log(f"calibration: {len(ready)} workers ready at {time.time() - T0:.1f}s, measuring for {args.bench_seconds}s")
     t_bench = time.time()
@@ -352,8 +372,10 @@ def calibrate(args, workers, sync: Path, tokens_per_step: int, n_runs: int, capa
         raise RuntimeError("no worker finished the throughput measurement")
     r_min, r_sum = min(rates.values()), sum(rates.values())
     waves = math.ceil(n_runs / capacity)
+    # A queued run pays the same start-up as the first wave did (launch to ready).
+    startup = max(args.start_overhead, t_ready - min(w.t_start for w in workers))
     elapsed = time.time() - T0
-    remaining = args.wall_budget - elapsed - args.final_reserve - (waves - 1) * args.start_overhead
+    remaining = args.wall_budget - elapsed - args.final_reserve - (waves - 1) * startup
     tokens = int(r_min * max(0.0, remaining) * args.safety / waves)
     tokens = min(tokens, args.max_tokens)
     tokens = max(tokens_per_step, tokens // tokens_per_step * tokens_per_step)
@@ -361,7 +383,7 @@ def calibrate(args, workers, sync: Path, tokens_per_step: int, n_runs: int, capa
         log(f"WARNING: the time budget allows only {tokens} tokens per run (< --min-tokens {args.min_tokens})")
     mem = max((v.get("max_mem_bytes", 0) for v in benches.values()), default=0) / 2**30
     log(f"calibration: aggregate {r_sum:,.0f} tok/s, slowest run {r_min:,.0f} tok/s, max mem/run {mem:.2f} GiB; "
-        f"{waves} wave(s), {remaining:.0f}s left for training -> {tokens:,} tokens per run "
+        f"start-up {startup:.0f}s, {waves} wave(s), {remaining:.0f}s left for training -> {tokens:,} tokens per run "
         f"({tokens // tokens_per_step} steps, ~{tokens / r_min:.0f}s per wave)")
     (sync / "calibration.json").write_text(json.dumps({"rates": rates, "tokens": tokens, "elapsed": elapsed}, indent=1))
     tmp = sync / "budget.json.tmp"
@@ -398,12 +420,20 @@ def _grid_name(run: dict) -> str:
     return run["name"].split("_lr")[0]
 
 
+def _usable_status(metrics: dict) -> set:
+    """Finished runs only; if none finished (all hit the deadline), the truncated ones."""
+    if any(r.get("status") == "done" for r in metrics["runs"]):
+        return {"done"}
+    return {"done", "truncated"}
+
+
 def summarize(metrics: dict) -> list[dict]:
     """One row per (config, lr): mean / min / max of the final val ppl over seeds."""
     groups: dict[tuple, list] = {}
+    usable = _usable_status(metrics)
     for r in metrics["runs"]:
-        if r.get("status") not in ("done", "truncated") or not r.get("val_ppl"):
-            continue
+        if r.get("status") not in usable or not r.get("val_ppl"):
+            continue  # truncated runs had a smaller budget: listed apart, not averaged in
         key = (_grid_name(r), r["recipe"]["lr"])
         groups.setdefault(key, []).append(r)
     rows = []
@@ -419,7 +449,6 @@ def summarize(metrics: dict) -> list[dict]:
             "head_dim": cfg["head_dim"], "q_heads": cfg["num_attention_heads"], "kv_heads": cfg["num_key_value_heads"],
             "tokens": statistics.fmean(r["tokens_trained"] for r in rs),
             "train_s": statistics.fmean(r["train_seconds"] for r in rs),
-            "truncated": sum(r["status"] == "truncated" for r in rs),
         })
     rows.sort(key=lambda r: (-r["kv_bytes"], r["config"], r["lr"]))
     return rows
@@ -439,7 +468,8 @@ def base_lr(metrics: dict) -> float | None:
 def choose_pair(metrics: dict) -> tuple[dict | None, dict | None]:
     """Best MQA-CLA2 run (lowest final val ppl, any LR/seed) and the plain-MQA run with the
     same seed and learning rate (its twin)."""
-    ok = [r for r in metrics["runs"] if r.get("status") == "done" and r.get("val_ppl")]
+    usable = _usable_status(metrics)
+    ok = [r for r in metrics["runs"] if r.get("status") in usable and r.get("val_ppl")]
     cla = [r for r in ok if _grid_name(r).endswith("-MQA-CLA2")]
     if not cla:
         return None, None
@@ -471,7 +501,7 @@ def write_results_md(metrics: dict, path: Path, plot_name: str = "frontier.png")
             f"batch {rec['batch_size']} x {rec['context']} = {rec['tokens_per_step']} tokens/step, "
             f"AdamW ({rec['betas'][0]}, {rec['betas'][1]}), weight decay {rec['weight_decay']}, clip {rec['grad_clip']}, "
             f"{int(rec['warmup_frac'] * 100)}% warm-up, cosine to {int(rec['final_lr_frac'] * 100)}% of peak, "
-            f"{rec['autocast']} autocast. Data: the corpus training split "
+            f"{'bf16 autocast' if rec['autocast'] == 'bf16' else 'float32 (no autocast)'}. Data: the corpus training split "
             f"({r0['train_tokens_available']:,} tokens; validation {r0['val_tokens']:,} tokens).",
             "",
             "Val PPL = exp(mean NLL) over the validation text cut into non-overlapping windows of "
@@ -481,12 +511,15 @@ def write_results_md(metrics: dict, path: Path, plot_name: str = "frontier.png")
             "",
         ]
     if grid:
+        n_gpus = grid.get("n_gpus", 0)
+        dev = runs[0].get("device", "?") if runs else "?"
+        where = f"{n_gpus} GPU(s) ({dev})" if n_gpus else f"CPU only ({dev})"
         lines += [
             f"Grid: {len(grid.get('runs', []))} runs, {grid.get('tokens_per_run', 0):,} training tokens each, "
-            f"{grid.get('n_gpus', 0)} GPU(s), up to {grid.get('capacity')} runs at a time, "
-            f"{grid.get('wall_seconds', 0):.0f} s wall for the whole grid. "
-            "Train s = wall-clock seconds of a run's training loop while sharing its GPU with the other runs "
-            f"(GPU time of the grid: {grid.get('wall_seconds', 0) * max(1, grid.get('n_gpus', 1)):.0f} GPU-seconds in all).",
+            f"on {where}, up to {grid.get('capacity')} runs at a time, "
+            f"{grid.get('wall_seconds', 0):.0f} s wall for the whole grid (start to last run saved). "
+            "Train s = wall-clock seconds of a run's training loop while it shared the device with the other runs"
+            + (f"; GPU time of the whole grid: {grid.get('wall_seconds', 0) * n_gpus:.0f} GPU-seconds." if n_gpus else "."),
             "",
         ]
     lines += [f"## Main grid (peak LR {_fmt_lr(blr) if blr else '?'})", ""]
@@ -495,11 +528,10 @@ def write_results_md(metrics: dict, path: Path, plot_name: str = "frontier.png")
     for r in rows:
         if r["lr"] != blr:
             continue
-        trunc = f" ({r['truncated']} truncated)" if r["truncated"] else ""
         lines.append(
             f"| {r['config']} | {r['head_dim']} | {r['q_heads']} | {r['kv_heads']} | {r['kv_layers']} | "
             f"{r['params']:,} | {r['kv_bytes']:,} | {r['ppl_mean']:.3f} | {r['ppl_min']:.3f}-{r['ppl_max']:.3f} | "
-            f"{r['n']} | {r['tokens']:,.0f}{trunc} | {r['train_s']:.0f} |"
+            f"{r['n']} | {r['tokens']:,.0f} | {r['train_s']:.0f} |"
         )
     sweep = [r for r in rows if any(r["config"] == s["config"] and s["lr"] != blr for s in rows)]
     if sweep:
@@ -514,6 +546,14 @@ def write_results_md(metrics: dict, path: Path, plot_name: str = "frontier.png")
             if r["config"] not in best or r["ppl_mean"] < best[r["config"]]["ppl_mean"]:
                 best[r["config"]] = r
         lines += [""] + [f"- best peak LR for {k}: {_fmt_lr(v['lr'])} (val PPL {v['ppl_mean']:.3f})" for k, v in sorted(best.items())]
+    truncated = [r for r in metrics["runs"] if r.get("status") == "truncated"]
+    if truncated and "truncated" in _usable_status(metrics):
+        lines += ["", "NOTE: every run reached the deadline before its planned budget; the tables show "
+                  "the truncated runs (their LR schedules did not finish)."]
+    elif truncated:
+        lines += ["", "Runs stopped early at the deadline (not in the tables above): " + ", ".join(
+            f"{r['name']} ({r.get('tokens_trained', 0):,} of {r.get('tokens_planned', 0):,} tokens, "
+            f"val PPL {r.get('val_ppl', float('nan')):.3f})" for r in truncated)]
     failed = [r for r in metrics["runs"] if r.get("status") not in ("done", "truncated")]
     if failed:
         lines += ["", "Runs without a result: " + ", ".join(f"{r['name']} ({r.get('status')})" for r in failed)]
@@ -537,6 +577,7 @@ def plot_frontier(metrics: dict, path: Path) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return _svg_frontier(main, Path(path).with_suffix(".svg"))
     fig, axes = plt.subplots(1, 2 if sweep_cfgs else 1, figsize=(12 if sweep_cfgs else 7, 4.8), squeeze=False)
@@ -555,6 +596,7 @@ def plot_frontier(metrics: dict, path: Path) -> Path:
         ax.annotate(f"{cfg} @ best LR {_fmt_lr(b['lr'])}", (b["kv_bytes"], b["ppl_mean"]), textcoords="offset points",
                     xytext=(5, -11), fontsize=7, color="dimgray")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.set_xlabel("KV cache bytes per token (16-bit)")
     ax.set_ylabel("validation perplexity")
     ax.set_title(f"Accuracy vs KV cache size (peak LR {_fmt_lr(blr) if blr else '?'}; red = CLA)")
@@ -712,6 +754,8 @@ def parser():
                        help="seconds from the driver's start by which everything (report included) should be done")
         p.add_argument("--final-reserve", type=float, default=45.0,
                        help="seconds kept after the training deadline for final evaluation, export and report")
+        p.add_argument("--hard-stop-margin", type=float, default=15.0,
+                       help="kill runs still going this many seconds before the end of --wall-budget")
         p.add_argument("--start-overhead", type=float, default=20.0, help="seconds a queued run needs to start")
         p.add_argument("--safety", type=float, default=0.85, help="fraction of the estimated time to plan for")
         p.add_argument("--max-tokens", type=int, default=32_000_000, help="cap of the auto budget per run")

@@ -188,9 +188,16 @@ def test_consumer_uses_its_producers_kv():
     assert not hasattr(layer1.self_attn, "k_proj")
     ids = torch.randint(0, cfg.vocab_size, (1, 9))
     captured = {}
-    layer1.self_attn.register_forward_hook(lambda m, inp, out: captured.setdefault("out", out))
-    layer1.register_forward_hook(lambda m, inp, out: captured.setdefault("x_in", inp[0]))
-    layer0.self_attn.register_forward_hook(lambda m, inp, out: captured.setdefault("kv0", inp[1]))
+
+    def keep(key, pick):
+        def hook(module, inp, out):  # returns None: the output is left unchanged
+            captured.setdefault(key, pick(inp, out))
+
+        return hook
+
+    layer1.self_attn.register_forward_hook(keep("out", lambda inp, out: out))
+    layer1.register_forward_hook(keep("x_in", lambda inp, out: inp[0]))
+    layer0.self_attn.register_forward_hook(keep("kv0", lambda inp, out: inp[1]))
     with torch.no_grad():
         model(ids)
     # Recompute layer 1's attention by hand from layer 0's K/V (which layer 0 computed from

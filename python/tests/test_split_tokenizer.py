@@ -22,7 +22,7 @@ def test_cut_point_rule():
 
 def test_split_is_deterministic_disjoint_and_complete(tiny_corpus, tmp_path):
     s1 = write_split(tiny_corpus, tmp_path / "s1")
-    s2 = write_split(tiny_corpus, tmp_path / "s2")
+    write_split(tiny_corpus, tmp_path / "s2")
     for name in ("train.txt", "val.txt"):
         assert (tmp_path / "s1" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
     assert [f["file"] for f in s1["files"]] == ["a_first.txt", "b_second.txt", "no_newline_end.txt"]
