@@ -1,0 +1,512 @@
+//! The CPU reference decoder: the whole model's math in one file, to be read against the
+//! paper.
+//!
+//! A Llama-style pre-norm decoder (RMSNorm, rotary embeddings, grouped-query attention,
+//! SwiGLU MLP) with Cross-Layer Attention (Brandon et al. 2024, section 2): every layer
+//! computes its own queries; a *producer* layer also computes keys and values and appends
+//! them to its slot of the paged KV cache (`cla-kv`); a *consumer* layer computes no keys
+//! or values and attends over its producer's slot, which the cache resolves from the
+//! layer index. One decoder layer, for hidden states `x`:
+//!
+//! ```text
+//! h  = RMSNorm(x; input_layernorm)
+//! q  = RoPE(h Wq)
+//! producer only:  hk = RMSNorm(x; kv_input_layernorm) if present, else h
+//!                 cache[slot(layer)] += (RoPE(hk Wk), hk Wv)
+//! a  = softmax(q K^T / sqrt(d) + causal mask) V    with K, V = cache[slot(producer(layer))]
+//! x  = x + a Wo
+//! x  = x + (silu(g Wgate) * (g Wup)) Wdown         with g = RMSNorm(x; post_attention_layernorm)
+//! ```
+//!
+//! then `logits = RMSNorm(x; norm) Wlm`. Query head `h` reads K/V head
+//! `h / (q_heads / kv_heads)` (GQA; MQA when there is one K/V head).
+//!
+//! When every layer after the last producer is a consumer (a YOCO-like tail), the tail's
+//! output at a position is only needed for the logits there, and the tail writes nothing
+//! to the cache. A step that wants the last position's logits therefore runs the tail for
+//! that position only (the result is identical; see [`CpuDecoderOptions`]).
+
+use crate::decoder::{Decoder, LogitsWanted, SequenceId, SequenceStep};
+use crate::error::{ModelError, Result};
+use crate::ops::{RopeTable, linear, rms_norm, silu, softmax_in_place};
+use crate::weights::{LayerWeights, ModelWeights};
+use cla_core::ModelConfig;
+use cla_kv::{KvBlock, KvCacheConfig, KvDType, KvShape, KvSlice, PagedKvCache};
+use half::slice::HalfFloatSliceExt;
+use ndarray::{Array2, Axis, Zip, s};
+use rayon::prelude::*;
+use std::collections::HashSet;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Tuning switches of [`CpuDecoder`]. The defaults are the fast, exact path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuDecoderOptions {
+    /// Run the layers after the last producer only for the positions whose logits are
+    /// wanted (see the module docs). Off only to measure what it saves.
+    pub skip_consumer_tail: bool,
+}
+
+impl Default for CpuDecoderOptions {
+    fn default() -> Self {
+        Self {
+            skip_consumer_tail: true,
+        }
+    }
+}
+
+/// A KV-cache configuration for `sequences` sequences of up to `tokens` positions each
+/// (blocks of the default size).
+pub fn cache_config_for(tokens: usize, sequences: usize, dtype: KvDType) -> KvCacheConfig {
+    let per_seq = tokens.div_ceil(KvCacheConfig::DEFAULT_BLOCK_SIZE).max(1);
+    KvCacheConfig::new(per_seq * sequences.max(1), dtype)
+}
+
+/// The CPU reference implementation of [`Decoder`].
+#[derive(Debug, Clone)]
+pub struct CpuDecoder {
+    weights: Arc<ModelWeights>,
+    rope: RopeTable,
+    cache: PagedKvCache,
+    options: CpuDecoderOptions,
+}
+
+impl CpuDecoder {
+    /// A decoder for `weights` with a KV cache sized by `cache`.
+    pub fn new(weights: impl Into<Arc<ModelWeights>>, cache: KvCacheConfig) -> Result<Self> {
+        Self::with_options(weights, cache, CpuDecoderOptions::default())
+    }
+
+    /// A decoder with explicit [`CpuDecoderOptions`].
+    pub fn with_options(
+        weights: impl Into<Arc<ModelWeights>>,
+        cache: KvCacheConfig,
+        options: CpuDecoderOptions,
+    ) -> Result<Self> {
+        let weights = weights.into();
+        let c = &weights.config;
+        let shape = KvShape::from_model(c)?;
+        let cache = PagedKvCache::new(shape, cache)?;
+        let rope = RopeTable::new(c.head_dim, c.max_position_embeddings, c.rope_theta);
+        Ok(Self {
+            weights,
+            rope,
+            cache,
+            options,
+        })
+    }
+
+    /// The weights.
+    pub fn weights(&self) -> &Arc<ModelWeights> {
+        &self.weights
+    }
+
+    /// The KV cache (for inspection: memory, block tables).
+    pub fn cache(&self) -> &PagedKvCache {
+        &self.cache
+    }
+
+    /// The options.
+    pub fn options(&self) -> CpuDecoderOptions {
+        self.options
+    }
+
+    /// Changes the options (e.g. to measure the consumer-tail saving).
+    pub fn set_options(&mut self, options: CpuDecoderOptions) {
+        self.options = options;
+    }
+
+    /// Checks a batch before anything is changed.
+    fn validate(&self, batch: &[SequenceStep<'_>]) -> Result<()> {
+        let c = &self.weights.config;
+        let mut seen = HashSet::new();
+        for step in batch {
+            if !self.cache.contains(step.seq) {
+                return Err(ModelError::UnknownSequence(step.seq));
+            }
+            if !seen.insert(step.seq) {
+                return Err(ModelError::DuplicateSequence(step.seq));
+            }
+            if step.tokens.is_empty() {
+                return Err(ModelError::invalid(
+                    "tokens",
+                    format!("the step of sequence {} has no tokens", step.seq),
+                ));
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab: c.vocab_size,
+                });
+            }
+            let needed = self.cache.seq_len(step.seq)? + step.tokens.len();
+            if needed > c.max_position_embeddings {
+                return Err(ModelError::ContextExceeded {
+                    seq: step.seq,
+                    needed,
+                    context: c.max_position_embeddings,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The forward pass proper; the caller has reserved the new positions in the cache.
+    fn run(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
+        let weights = Arc::clone(&self.weights);
+        let c = &weights.config;
+        // Row r of the hidden states is a token of step `owner` at absolute position `pos`;
+        // each step's rows are contiguous (`spans`).
+        let mut rows = Rows::default();
+        for (i, step) in batch.iter().enumerate() {
+            let start = self.cache.seq_len(step.seq)?;
+            rows.push_span(i, start..start + step.tokens.len());
+        }
+        let mut x = Array2::<f32>::zeros((rows.len(), c.hidden_size));
+        for (mut row, &token) in x.outer_iter_mut().zip(batch.iter().flat_map(|s| s.tokens)) {
+            row.assign(&weights.embed_tokens.row(token as usize));
+        }
+        let num_layers = c.num_layers();
+        // Rows are reduced to those whose logits are wanted before the first layer that
+        // is not needed for the cache: after the last producer (or before the final norm).
+        let keep_from = if self.options.skip_consumer_tail {
+            c.kv_sharing.last_producer() + 1
+        } else {
+            num_layers
+        };
+        for layer in 0..num_layers {
+            if layer == keep_from {
+                (x, rows) = keep_wanted_rows(x, rows, batch);
+            }
+            x = self.layer(layer, &weights.layers[layer], x, &rows, batch)?;
+        }
+        if keep_from >= num_layers {
+            (x, rows) = keep_wanted_rows(x, rows, batch);
+        }
+        let h = rms_norm(
+            x.view(),
+            weights.final_norm.as_slice().expect("contiguous"),
+            c.rms_norm_eps as f32,
+        );
+        let logits = linear(h.view(), weights.lm_head().view());
+        Ok(rows
+            .spans
+            .iter()
+            .map(|span| logits.slice(s![span.clone(), ..]).to_owned())
+            .collect())
+    }
+
+    /// One decoder layer (see the module docs for the equations).
+    fn layer(
+        &mut self,
+        layer: usize,
+        w: &LayerWeights,
+        x: Array2<f32>,
+        rows: &Rows,
+        batch: &[SequenceStep<'_>],
+    ) -> Result<Array2<f32>> {
+        let c = &self.weights.config;
+        let eps = c.rms_norm_eps as f32;
+        let h = rms_norm(x.view(), w.input_norm.as_slice().expect("contiguous"), eps);
+        let mut q = linear(h.view(), w.q_proj.view());
+        self.rotate(&mut q, &rows.pos);
+
+        if let Some(kv) = &w.kv {
+            // CLA producer: compute this layer's keys and values and cache them. The paper's
+            // CLA models give the K/V input its own norm scale.
+            let hk_own;
+            let hk = match &kv.kv_norm {
+                Some(scale) => {
+                    hk_own = rms_norm(x.view(), scale.as_slice().expect("contiguous"), eps);
+                    &hk_own
+                }
+                None => &h,
+            };
+            let mut k = linear(hk.view(), kv.k_proj.view());
+            self.rotate(&mut k, &rows.pos);
+            let v = linear(hk.view(), kv.v_proj.view());
+            let (k, v) = (
+                k.as_slice().expect("contiguous"),
+                v.as_slice().expect("contiguous"),
+            );
+            let width = c.kv_width();
+            for (step, span) in batch.iter().zip(&rows.spans) {
+                // Producers come before the row reduction, so every new token is here.
+                debug_assert_eq!(span.len(), step.tokens.len());
+                let r = span.start * width..span.end * width;
+                self.cache.write(step.seq, layer, &k[r.clone()], &v[r])?;
+            }
+        }
+
+        let a = attention(c, &self.cache, layer, &q, rows, batch)?;
+        let x = x + linear(a.view(), w.o_proj.view());
+
+        let g = rms_norm(
+            x.view(),
+            w.post_attention_norm.as_slice().expect("contiguous"),
+            eps,
+        );
+        let mut gate = linear(g.view(), w.gate_proj.view());
+        let up = linear(g.view(), w.up_proj.view());
+        Zip::from(&mut gate)
+            .and(&up)
+            .for_each(|g, &u| *g = silu(*g) * u);
+        Ok(x + linear(gate.view(), w.down_proj.view()))
+    }
+
+    /// Applies RoPE to every head of every row, row `r` at position `pos[r]`.
+    fn rotate(&self, x: &mut Array2<f32>, pos: &[usize]) {
+        let d = self.weights.config.head_dim;
+        for (mut row, &p) in x.outer_iter_mut().zip(pos) {
+            let row = row
+                .as_slice_mut()
+                .expect("rows of an owned array are contiguous");
+            for head in row.chunks_exact_mut(d) {
+                self.rope.apply(head, p);
+            }
+        }
+    }
+}
+
+/// Which sequence and position each hidden-state row belongs to.
+#[derive(Debug, Default, Clone)]
+struct Rows {
+    /// Absolute position of each row.
+    pos: Vec<usize>,
+    /// Rows of each step of the batch, in batch order.
+    spans: Vec<Range<usize>>,
+}
+
+impl Rows {
+    fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    fn push_span(&mut self, step: usize, positions: Range<usize>) {
+        debug_assert_eq!(step, self.spans.len());
+        let start = self.pos.len();
+        self.pos.extend(positions);
+        self.spans.push(start..self.pos.len());
+    }
+}
+
+/// Keeps, per step, the rows whose logits are wanted: the last, or all.
+fn keep_wanted_rows(x: Array2<f32>, rows: Rows, batch: &[SequenceStep<'_>]) -> (Array2<f32>, Rows) {
+    let mut keep = Vec::with_capacity(rows.len());
+    let mut out = Rows::default();
+    for (i, (step, span)) in batch.iter().zip(&rows.spans).enumerate() {
+        let kept = match step.logits {
+            LogitsWanted::All => span.clone(),
+            LogitsWanted::Last => span.end - 1..span.end,
+        };
+        keep.extend(kept.clone());
+        out.push_span(i, rows.pos[kept.start]..rows.pos[kept.start] + kept.len());
+    }
+    if keep.len() == rows.len() {
+        return (x, rows);
+    }
+    (x.select(Axis(0), &keep), out)
+}
+
+/// Causal multi-head attention of `layer` for every row, over the keys and values that the
+/// cache holds for the layer's producer. Query head `h` uses K/V head `h / group_size`.
+/// Runs one task per (step, query head) on the rayon pool.
+fn attention(
+    c: &ModelConfig,
+    cache: &PagedKvCache,
+    layer: usize,
+    q: &Array2<f32>,
+    rows: &Rows,
+    batch: &[SequenceStep<'_>],
+) -> Result<Array2<f32>> {
+    let d = c.head_dim;
+    let heads = c.num_attention_heads;
+    let group = c.group_size();
+    let scale = 1.0 / (d as f32).sqrt();
+    let q_width = c.q_width();
+    // The cache resolves a consumer layer to its producer's slot.
+    let blocks: Vec<Vec<KvBlock<'_>>> = batch
+        .iter()
+        .map(|s| cache.blocks(s.seq, layer).map(Iterator::collect))
+        .collect::<std::result::Result<_, _>>()?;
+    let q = q.as_slice().expect("contiguous");
+    let tasks: Vec<(usize, usize)> = (0..batch.len())
+        .flat_map(|s| (0..heads).map(move |h| (s, h)))
+        .collect();
+    let outputs: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(s, head)| {
+            let kv_head = head / group;
+            let span = rows.spans[s].clone();
+            let mut out = vec![0.0f32; span.len() * d];
+            let mut scores = Vec::new();
+            let mut scratch = Vec::new();
+            for (i, r) in span.enumerate() {
+                let pos = rows.pos[r];
+                let qv = &q[r * q_width + head * d..r * q_width + (head + 1) * d];
+                // Scores over positions 0..=pos (the causal mask), block by block.
+                scores.clear();
+                for b in blocks[s].iter().take_while(|b| b.start <= pos) {
+                    let n = b.len.min(pos + 1 - b.start);
+                    let keys = b.keys_of_head(kv_head).expect("head in range");
+                    push_scores(keys, qv, n, scale, &mut scratch, &mut scores);
+                }
+                softmax_in_place(&mut scores);
+                let o = &mut out[i * d..(i + 1) * d];
+                let mut p = scores.as_slice();
+                for b in blocks[s].iter().take_while(|b| b.start <= pos) {
+                    let n = b.len.min(pos + 1 - b.start);
+                    let values = b.values_of_head(kv_head).expect("head in range");
+                    accumulate_values(values, &p[..n], &mut scratch, o);
+                    p = &p[n..];
+                }
+            }
+            out
+        })
+        .collect();
+    let mut a = Array2::<f32>::zeros((rows.len(), q_width));
+    for (&(s, head), out) in tasks.iter().zip(&outputs) {
+        for (i, r) in rows.spans[s].clone().enumerate() {
+            a.slice_mut(s![r, head * d..(head + 1) * d])
+                .as_slice_mut()
+                .expect("contiguous")
+                .copy_from_slice(&out[i * d..(i + 1) * d]);
+        }
+    }
+    Ok(a)
+}
+
+/// Appends `scale * (q . k_t)` for the first `n` keys of a `[token][dim]` run. f16 keys
+/// are widened into `scratch` first.
+fn push_scores(
+    keys: KvSlice<'_>,
+    q: &[f32],
+    n: usize,
+    scale: f32,
+    scratch: &mut Vec<f32>,
+    scores: &mut Vec<f32>,
+) {
+    let d = q.len();
+    let keys = as_f32(keys, n * d, scratch);
+    scores.extend(keys[..n * d].chunks_exact(d).map(|k| dot(k, q) * scale));
+}
+
+/// `out += sum_t p[t] * v_t` over the first `p.len()` values of a `[token][dim]` run.
+fn accumulate_values(values: KvSlice<'_>, p: &[f32], scratch: &mut Vec<f32>, out: &mut [f32]) {
+    let d = out.len();
+    let values = as_f32(values, p.len() * d, scratch);
+    for (v, &w) in values.chunks_exact(d).zip(p) {
+        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+    }
+}
+
+/// The first `len` elements of a cached run as f32: borrowed when stored as f32, widened
+/// into `scratch` when stored as f16.
+fn as_f32<'a>(run: KvSlice<'a>, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    match run {
+        KvSlice::F32(s) => &s[..len],
+        KvSlice::F16(s) => {
+            scratch.resize(len, 0.0);
+            s[..len].convert_to_f32_slice(scratch);
+            scratch
+        }
+    }
+}
+
+/// `a . b` with eight independent partial sums, so that the compiler can use SIMD lanes
+/// (a single running sum would force one addition after another).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+impl Decoder for CpuDecoder {
+    fn config(&self) -> &ModelConfig {
+        &self.weights.config
+    }
+
+    fn add_sequence(&mut self) -> SequenceId {
+        self.cache.add_sequence()
+    }
+
+    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
+        self.check_known(seq)?;
+        Ok(self.cache.free(seq)?)
+    }
+
+    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
+        self.check_known(seq)?;
+        Ok(self.cache.fork(seq)?)
+    }
+
+    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
+        self.check_known(seq)?;
+        Ok(self.cache.truncate(seq, n)?)
+    }
+
+    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
+        self.check_known(seq)?;
+        Ok(self.cache.seq_len(seq)?)
+    }
+
+    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
+        self.check_known(seq)?;
+        Ok(self.cache.sequence_reserved_bytes(seq)?)
+    }
+
+    fn kv_bytes_in_use(&self) -> u64 {
+        self.cache.memory().reserved_bytes
+    }
+
+    fn free_kv_tokens(&self) -> usize {
+        self.cache.free_tokens()
+    }
+
+    fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
+        self.validate(batch)?;
+        for (i, step) in batch.iter().enumerate() {
+            if let Err(e) = self.cache.reserve(step.seq, step.tokens.len()) {
+                for earlier in &batch[..i] {
+                    self.cache.abort(earlier.seq)?;
+                }
+                return Err(e.into());
+            }
+        }
+        match self.run(batch) {
+            Ok(logits) => {
+                for step in batch {
+                    self.cache.commit(step.seq)?;
+                }
+                Ok(logits)
+            }
+            Err(e) => {
+                for step in batch {
+                    self.cache.abort(step.seq)?;
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl CpuDecoder {
+    fn check_known(&self, seq: SequenceId) -> Result<()> {
+        if self.cache.contains(seq) {
+            Ok(())
+        } else {
+            Err(ModelError::UnknownSequence(seq))
+        }
+    }
+}

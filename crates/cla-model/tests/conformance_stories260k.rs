@@ -1,0 +1,239 @@
+//! Conformance against a real pretrained Llama model with golden outputs: stories260K
+//! (llama2.c, converted to Hugging Face format). With every layer a producer, a CLA decoder
+//! is a plain Llama decoder, so these tests check the CPU decoder end to end: tokenizer,
+//! weights, RoPE convention, GQA, paged cache, greedy generation, perplexity.
+//!
+//! They read the shared reference directory named by `CLA_SHARED_DIR` (set by
+//! `cargo xtask conformance`) and fail, rather than pass silently, when it is missing.
+
+mod common;
+
+use cla_kv::KvDType;
+use cla_model::perplexity::negative_log_likelihood;
+use cla_model::{
+    CpuDecoder, Decoder, GenerationConfig, LoadedModel, PerplexityConfig, SamplingConfig,
+    SequenceStep, StopReason, cache_config_for, generate, perplexity_of_ids,
+};
+use serde_json::Value;
+use std::path::PathBuf;
+
+fn model_dir() -> PathBuf {
+    let shared = std::env::var_os("CLA_SHARED_DIR").unwrap_or_else(|| {
+        panic!(
+            "CLA_SHARED_DIR is not set: run these tests with `cargo xtask conformance`, or set \
+             CLA_SHARED_DIR to the directory holding models/stories260K"
+        )
+    });
+    let dir = PathBuf::from(shared).join("models").join("stories260K");
+    assert!(
+        dir.join("golden").join("golden.json").is_file(),
+        "{} has no golden/golden.json: CLA_SHARED_DIR must name the shared reference \
+         directory (with models/stories260K)",
+        dir.display()
+    );
+    dir
+}
+
+fn golden() -> Value {
+    let path = model_dir().join("golden").join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load() -> (LoadedModel, CpuDecoder) {
+    let model = LoadedModel::load(model_dir()).unwrap();
+    let context = model.weights.config.max_position_embeddings;
+    let decoder = CpuDecoder::new(
+        model.weights.clone(),
+        cache_config_for(context, 4, KvDType::F32),
+    )
+    .unwrap();
+    (model, decoder)
+}
+
+/// The golden logits `[16, 512]` and the ids they were computed from.
+fn golden_logits() -> (Vec<u32>, Vec<f32>) {
+    let g = golden();
+    let input = ids(&g["logits_bos16"]["input_ids"]);
+    let bytes = std::fs::read(model_dir().join("golden").join("logits_bos16.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[16, 512]);
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (input, values)
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn conformance_stories260k_tokenizer_encodes_golden_prompts() {
+    let (model, _) = load();
+    for p in golden()["prompts"].as_array().unwrap() {
+        let text = p["prompt"].as_str().unwrap();
+        assert_eq!(
+            model.tokenizer.encode(text, true).unwrap(),
+            ids(&p["prompt_ids"]),
+            "prompt {text:?}"
+        );
+        assert_eq!(
+            model.tokenizer.decode(&ids(&p["full_ids"])).unwrap(),
+            p["text"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn conformance_stories260k_golden_logits() {
+    let (_, mut decoder) = load();
+    let (input, want) = golden_logits();
+    // Prefill of all 16 positions at once, and the same positions decoded one at a time.
+    let seq = decoder.add_sequence();
+    let all = decoder.forward(&[SequenceStep::all(seq, &input)]).unwrap();
+    let got = all[0].as_slice().unwrap();
+    let diff = common::max_abs_diff(got, &want);
+    assert!(diff < 1e-4, "prefill logits differ from golden by {diff}");
+
+    let seq = decoder.add_sequence();
+    for (p, &t) in input.iter().enumerate() {
+        let out = decoder.forward(&[SequenceStep::last(seq, &[t])]).unwrap();
+        let diff = common::max_abs_diff(out[0].as_slice().unwrap(), &want[p * 512..(p + 1) * 512]);
+        assert!(
+            diff < 1e-4,
+            "decode position {p} differs from golden by {diff}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn conformance_stories260k_greedy_continuations() {
+    let (model, mut decoder) = load();
+    let g = golden();
+    let prompts: Vec<&Value> = g["prompts"].as_array().unwrap().iter().collect();
+    let texts: Vec<&str> = prompts
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
+    let config = GenerationConfig {
+        max_new_tokens: 64,
+        sampling: SamplingConfig::greedy(),
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    let mut streamed = vec![String::new(); prompts.len()];
+    // All three prompts in one batch.
+    let out = generate(&mut decoder, &model.tokenizer, &texts, &config, &mut |ev| {
+        streamed[ev.prompt].push_str(ev.text)
+    })
+    .unwrap();
+    for (i, (p, generation)) in prompts.iter().zip(&out).enumerate() {
+        let new_ids = ids(&p["new_ids"]);
+        let robust = p["robust_prefix_len"].as_u64().unwrap() as usize;
+        assert_eq!(generation.prompt_ids, ids(&p["prompt_ids"]));
+        assert_eq!(generation.stop_reason, StopReason::MaxNewTokens);
+        // Free-running greedy ids must agree up to the robust prefix.
+        assert_eq!(
+            generation.ids[..robust],
+            new_ids[..robust],
+            "prompt {i}: free-running ids differ within the robust prefix"
+        );
+        if robust == new_ids.len() {
+            assert_eq!(generation.text, p["completion_text"].as_str().unwrap());
+            assert_eq!(
+                streamed[i], generation.text,
+                "streamed text differs from the result"
+            );
+        }
+        assert!(generation.kv_bytes > 0);
+
+        // Beyond the robust prefix (and everywhere, as a check): teacher forcing on
+        // full_ids, the argmax at each step must be the golden token.
+        let full = ids(&p["full_ids"]);
+        let seq = decoder.add_sequence();
+        let logits = decoder
+            .forward(&[SequenceStep::all(seq, &full[..full.len() - 1])])
+            .unwrap()
+            .remove(0);
+        decoder.free_sequence(seq).unwrap();
+        let start = ids(&p["prompt_ids"]).len() - 1;
+        for (k, &want) in new_ids.iter().enumerate() {
+            let row = logits.row(start + k);
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                )
+                .0 as u32;
+            assert_eq!(argmax, want, "prompt {i}: teacher-forced step {k}");
+        }
+        // Top-5 logits of the first 8 steps.
+        for (k, top5) in p["top5_first8"].as_array().unwrap().iter().enumerate() {
+            let row = logits.row(start + k);
+            for pair in top5.as_array().unwrap() {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let want = pair[1].as_f64().unwrap() as f32;
+                assert!((row[id] - want).abs() < 1e-4, "prompt {i} step {k} id {id}");
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn conformance_stories260k_perplexity_matches_golden_logits() {
+    let (_, mut decoder) = load();
+    let (input, logits) = golden_logits();
+    // Independent computation: NLL of the 15 teacher-forced next tokens straight from the
+    // golden logits (row p predicts token p + 1).
+    let want: f64 = (1..input.len())
+        .map(|t| negative_log_likelihood(&logits[(t - 1) * 512..t * 512], input[t] as usize))
+        .sum::<f64>()
+        / (input.len() - 1) as f64;
+    let mut calls = 0;
+    let report = perplexity_of_ids(
+        &mut decoder,
+        &input,
+        PerplexityConfig::default(),
+        &mut |done, total| {
+            calls += 1;
+            assert!(done <= total);
+        },
+    )
+    .unwrap();
+    assert_eq!(report.tokens_scored, 15);
+    assert!(calls >= 1);
+    let rel = ((report.mean_nll - want) / want).abs();
+    assert!(
+        rel < 1e-4,
+        "mean NLL {} vs golden {want} (relative {rel})",
+        report.mean_nll
+    );
+    assert!((report.perplexity - want.exp()).abs() / want.exp() < 1e-4);
+
+    // Sliding windows with overlap score every token once, each with less left context.
+    let report = perplexity_of_ids(
+        &mut decoder,
+        &input,
+        PerplexityConfig {
+            context: Some(8),
+            stride: Some(3),
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(report.tokens_scored, 15);
+    assert!(report.windows > 1);
+}
