@@ -180,7 +180,12 @@ pub(crate) struct Kernel {
 #[derive(Default)]
 pub(crate) struct PipelineCache {
     map: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
+    /// Uniform buffers by (padded) content; see [`GpuContext::uniform`].
+    uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
 }
+
+/// Distinct parameter blocks kept alive by the uniform cache.
+const UNIFORM_CACHE_MAX: usize = 4096;
 
 impl PipelineCache {
     pub(crate) fn names(&self) -> Vec<String> {
@@ -271,14 +276,32 @@ impl GpuContext {
         Ok(k)
     }
 
-    /// A uniform buffer holding `words` (padded to 16 bytes).
+    /// A uniform buffer holding `words` (padded to 16 bytes). Parameter blocks never change
+    /// once written, so buffers are shared by content: a decode step that records the same
+    /// shapes every step allocates no new uniform buffers after the first.
     pub(crate) fn uniform(&self, words: &[u32]) -> wgpu::Buffer {
         let mut w = words.to_vec();
         w.resize(words.len().div_ceil(4).max(1) * 4, 0);
+        if let Ok(mut cache) = self.pipelines.uniforms.lock() {
+            if let Some(b) = cache.get(&w) {
+                return b.clone();
+            }
+            // Bounded: shapes that change every call (growing lengths) must not pile up.
+            if cache.len() >= UNIFORM_CACHE_MAX {
+                cache.clear();
+            }
+            let b = self.create_uniform(&w);
+            cache.insert(w, b.clone());
+            return b;
+        }
+        self.create_uniform(&w)
+    }
+
+    fn create_uniform(&self, padded_words: &[u32]) -> wgpu::Buffer {
         self.device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("cla params"),
-                contents: bytemuck::cast_slice(&w),
+                contents: bytemuck::cast_slice(padded_words),
                 usage: wgpu::BufferUsages::UNIFORM,
             })
     }

@@ -1,13 +1,15 @@
-//! Causal attention over the paged K/V pool (`shaders/attention.wgsl`,
-//! `shaders/attn_reduce.wgsl`).
+//! Causal attention over the paged K/V pool (`shaders/attention.wgsl` for prefill,
+//! `shaders/attn_decode.wgsl` and `shaders/attn_reduce.wgsl` for decode).
 //!
 //! - [`GpuContext::attention_prefill`]: every query row of a batch of sequences (chunked
 //!   prefill: the queries are the last `n_query` tokens of each sequence and may follow an
 //!   earlier prefix in the cache). Tiled with online softmax; one workgroup per query tile and
 //!   query head.
 //! - [`GpuContext::attention_decode`]: one query per sequence, split along the sequence
-//!   (flash-decoding) with a reduce pass. All query heads of a GQA group share a workgroup, so
-//!   each K/V element is read once per group, not once per query head.
+//!   (flash-decoding) with a reduce pass (skipped when one split suffices). All query heads of
+//!   a GQA group share a workgroup, so each K/V element is read once per group, not once per
+//!   query head; K/V tiles are fetched with 16-byte loads one tile ahead of the math, and the
+//!   scores and P.V are register-tiled (see the shader's header).
 //!
 //! Query head `h` reads kv head `h / (n_q_heads / n_kv_heads)` (MHA, GQA and MQA alike); the
 //! scale is `1/sqrt(head_dim)`; any even head_dim works. The K/V a layer reads is whatever
@@ -24,6 +26,7 @@ use crate::tensor::{DType, GpuTensor};
 
 const SRC: &str = include_str!("../shaders/attention.wgsl");
 const REDUCE_SRC: &str = include_str!("../shaders/attn_reduce.wgsl");
+const DECODE_SRC: &str = include_str!("../shaders/attn_decode.wgsl");
 /// Threads per attention workgroup: enough to load a K/V tile in a few coalesced steps,
 /// few enough that one SM holds several workgroups.
 const WG: u32 = 128;
@@ -31,7 +34,7 @@ const WG: u32 = 128;
 /// sequence is split further so that a batch of one long sequence still fills the GPU.
 const DECODE_TARGET_WORKGROUPS: usize = 1024;
 /// Fewest keys per decode split: each split pays a Q load and a partial-result write.
-const DECODE_MIN_CHUNK: usize = 128;
+const DECODE_MIN_CHUNK: usize = 64;
 /// Most splits per sequence (bounds the scratch and the reduce loop).
 const DECODE_MAX_SPLITS: usize = 256;
 
@@ -87,6 +90,191 @@ fn plan(hd: u32, group: u32, decode: bool, max_shared: u32) -> Result<Plan> {
         "attention with head_dim {hd} needs {} bytes of workgroup memory, the adapter has {max_shared}",
         shared_bytes(hd, 1, 4)
     )))
+}
+
+/// Threads per decode workgroup.
+const DECODE_WG: u32 = 128;
+
+/// Tiling of the decode kernel (`shaders/attn_decode.wgsl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DecodePlan {
+    /// Query heads per workgroup, and that padded to a power of two.
+    r: u32,
+    rp: u32,
+    /// Keys per tile.
+    bk: u32,
+    /// Lanes sharing one row's keys in the score tile, and row tiles.
+    nkt: u32,
+    nrt: u32,
+    /// P.V tile: vec4 columns spread over `nc` lanes, rows over `nro` lanes.
+    nc: u32,
+    nro: u32,
+    /// Workgroups per GQA group.
+    row_groups: u32,
+}
+
+fn decode_shared_bytes(hd: u32, rp: u32, bk: u32, nkt: u32) -> u32 {
+    let c4 = hd.div_ceil(4);
+    16 * (rp * c4 + bk * (c4 + 1) + bk * c4) + 4 * (rp * bk + rp + rp * nkt + 6)
+}
+
+/// Picks the decode tiling. Up to 32 query heads share a workgroup (a GQA group, or a third
+/// of an MQA group of 96...), so K/V is read once per group. The score tile gives each thread
+/// TR rows x TK keys with TR + TK small (workgroup-memory reads per FMA fall as 1/TR + 1/TK)
+/// while keeping all threads busy; `nkt_cap` bounds the lanes that share a row (the
+/// subgroup size when the row max is a subgroup shuffle).
+fn decode_plan(hd: u32, group: u32, max_shared: u32, nkt_cap: u32) -> Result<DecodePlan> {
+    let row_groups = group.div_ceil(32);
+    let r = group.div_ceil(row_groups);
+    let rp = r.next_power_of_two();
+    let c4 = hd.div_ceil(4);
+    for bk in [64u32, 32, 16, 8, 4] {
+        // Larger tiles only while they stay small next to the workgroup-memory budget.
+        if bk == 64 && hd > 64 {
+            continue;
+        }
+        let mut best: Option<(u32, u32, u32, u32)> = None; // (threads, tr+tk, nkt, nrt)
+        let mut nkt = 1;
+        while nkt <= bk.min(nkt_cap).min(DECODE_WG) {
+            let nrt = rp.min(DECODE_WG / nkt);
+            let cost = rp / nrt + bk / nkt;
+            let cand = (nrt * nkt, cost, nkt, nrt);
+            let better = match best {
+                None => true,
+                Some(b) => cand.0 > b.0 || (cand.0 == b.0 && cand.1 <= b.1),
+            };
+            if better {
+                best = Some(cand);
+            }
+            nkt *= 2;
+        }
+        let Some((_, _, nkt, nrt)) = best else {
+            continue;
+        };
+        if decode_shared_bytes(hd, rp, bk, nkt) > max_shared {
+            continue;
+        }
+        let nc = c4.min(DECODE_WG);
+        let nro = rp.min((DECODE_WG / nc).max(1));
+        return Ok(DecodePlan {
+            r,
+            rp,
+            bk,
+            nkt,
+            nrt,
+            nc,
+            nro,
+            row_groups,
+        });
+    }
+    Err(GpuError::NotAvailable(format!(
+        "decode attention with head_dim {hd} needs {} bytes of workgroup memory, the adapter has {max_shared}",
+        decode_shared_bytes(hd, rp, 4, 1)
+    )))
+}
+
+/// WGSL of one decode variant (see `shaders/attn_decode.wgsl`).
+fn decode_source(
+    name: &str,
+    hd: u32,
+    sk: ElemStorage,
+    sv: ElemStorage,
+    p: &DecodePlan,
+    ch: u32,
+    sub: bool,
+) -> Result<String> {
+    let c4 = hd.div_ceil(4);
+    let cpk = hd / ch;
+    render(
+        name,
+        DECODE_SRC,
+        &[
+            ("K_DECL", kv_chunk_decl("k", "ks", "KS4", "KRaw", 4, sk, ch)),
+            ("V_DECL", kv_chunk_decl("v", "vs", "C4", "VRaw", 5, sv, ch)),
+            ("HD", hd.to_string()),
+            ("C4", c4.to_string()),
+            ("RP", p.rp.to_string()),
+            ("BK", p.bk.to_string()),
+            ("WG", DECODE_WG.to_string()),
+            ("NKT", p.nkt.to_string()),
+            ("TK", (p.bk / p.nkt).to_string()),
+            ("NRT", p.nrt.to_string()),
+            ("TR", (p.rp / p.nrt).to_string()),
+            ("NC", p.nc.to_string()),
+            ("NRO", p.nro.to_string()),
+            ("TRO", p.rp.div_ceil(p.nro).to_string()),
+            ("TC", c4.div_ceil(p.nc).to_string()),
+            ("CH", ch.to_string()),
+            ("CPK", cpk.to_string()),
+            ("NLD", (p.bk * cpk).div_ceil(DECODE_WG).to_string()),
+            ("SUBGROUP", sub.to_string()),
+            (
+                "LANE_XOR",
+                if sub {
+                    "fn lane_xor(v: f32, o: u32) -> f32 { return subgroupShuffleXor(v, o); }"
+                } else {
+                    "fn lane_xor(v: f32, o: u32) -> f32 { return v; }"
+                }
+                .to_owned(),
+            ),
+        ],
+    )
+}
+
+/// Declaration of a K or V pool binding read in chunks of `ch` elements: the loader
+/// `NAME_load(elem) -> RAW` (elem a multiple of `ch`) and `NAME_put(key, chunk, raw)`, which
+/// converts a chunk to f32 into the workgroup tile `tile` (row stride `stride` vec4s).
+/// f16 pools are always read as packed `u32` words, so no `SHADER_F16` is needed.
+fn kv_chunk_decl(
+    name: &str,
+    tile: &str,
+    stride: &str,
+    raw: &str,
+    binding: u32,
+    storage: ElemStorage,
+    ch: u32,
+) -> String {
+    let f32s = storage == ElemStorage::F32;
+    let (ty, load) = match (f32s, ch) {
+        (true, 4) => ("vec4<f32>", format!("{name}[i >> 2u]")),
+        (true, 2) => ("vec2<f32>", format!("{name}[i >> 1u]")),
+        (true, _) => ("f32", format!("{name}[i]")),
+        (false, 8) => ("vec4<u32>", format!("{name}[i >> 3u]")),
+        (false, 4) => ("vec2<u32>", format!("{name}[i >> 2u]")),
+        (false, 2) => ("u32", format!("{name}[i >> 1u]")),
+        (false, _) => (
+            "u32",
+            format!("select({name}[i >> 1u] & 0xffffu, {name}[i >> 1u] >> 16u, (i & 1u) == 1u)"),
+        ),
+    };
+    let arr = if !f32s && ch <= 2 { "u32" } else { ty };
+    let put = match (f32s, ch) {
+        (true, 4) => format!("{tile}[kk * {stride} + c] = r;"),
+        (false, 8) => format!(
+            "{tile}[kk * {stride} + 2u * c] = vec4<f32>(unpack2x16float(r.x), unpack2x16float(r.y));\n    \
+             {tile}[kk * {stride} + 2u * c + 1u] = vec4<f32>(unpack2x16float(r.z), unpack2x16float(r.w));"
+        ),
+        (false, 4) => format!(
+            "{tile}[kk * {stride} + c] = vec4<f32>(unpack2x16float(r.x), unpack2x16float(r.y));"
+        ),
+        (_, 2) => {
+            let v = if f32s { "r" } else { "unpack2x16float(r)" };
+            format!(
+                "let d = 2u * c;\n    let b = kk * {stride} + (d >> 2u);\n    let v = {v};\n    \
+                 {tile}[b][d & 3u] = v.x;\n    {tile}[b][(d & 3u) + 1u] = v.y;"
+            )
+        }
+        _ => {
+            let v = if f32s { "r" } else { "unpack2x16float(r).x" };
+            format!("{tile}[kk * {stride} + (c >> 2u)][c & 3u] = {v};")
+        }
+    };
+    format!(
+        "@group(0) @binding({binding}) var<storage, read> {name}: array<{arr}>;\n\
+         alias {raw} = {ty};\n\
+         fn {name}_load(i: u32) -> {raw} {{ return {load}; }}\n\
+         fn {name}_put(kk: u32, c: u32, r: {raw}) {{\n    {put}\n}}\n"
+    )
 }
 
 struct Checked {
@@ -331,39 +519,55 @@ impl GpuContext {
             batch.max_query
         );
         let c = self.check_attention(q, batch, pool, out)?;
-        let p = plan(c.hd, c.group, true, self.features().max_workgroup_storage)?;
+        let f = self.features();
+        // Subgroup shuffles reduce over NKT lanes: usable when NKT fits in the smallest
+        // subgroup the adapter may run.
+        let nkt_cap = if f.subgroup {
+            f.subgroup_size.0.clamp(1, 32)
+        } else {
+            32
+        };
+        let p = decode_plan(c.hd, c.group, f.max_workgroup_storage, nkt_cap)?;
         let l = pool.layout;
 
         // Split heuristic: enough splits that the dispatch has about
-        // DECODE_TARGET_WORKGROUPS workgroups, but at least DECODE_MIN_CHUNK keys per split.
+        // DECODE_TARGET_WORKGROUPS workgroups (several per SM even at batch 1), but at least
+        // 2*R keys per split: each split re-reads the R query rows and writes R partial rows,
+        // which must stay small next to the K/V it reads.
         let per_split = batch.n_seqs * l.n_kv_heads as usize * p.row_groups as usize;
         let want = DECODE_TARGET_WORKGROUPS
             .div_ceil(per_split)
             .clamp(1, DECODE_MAX_SPLITS);
         let max_kv = batch.max_kv_len.max(1);
         let bk = p.bk as usize;
+        let min_chunk = (2 * p.r as usize).max(DECODE_MIN_CHUNK).div_ceil(bk) * bk;
         let mut chunk =
-            chunk.unwrap_or_else(|| max_kv.div_ceil(want).max(DECODE_MIN_CHUNK).div_ceil(bk) * bk);
+            chunk.unwrap_or_else(|| max_kv.div_ceil(want).max(min_chunk).div_ceil(bk) * bk);
         let heads = batch.n_seqs * c.n_q_heads as usize;
-        let max_bytes = self.features().max_storage_binding as usize;
+        let max_bytes = f.max_storage_binding as usize;
         while max_kv.div_ceil(chunk) * heads * c.hd as usize * 4 > max_bytes {
             chunk *= 2;
         }
         let n_splits = max_kv.div_ceil(chunk);
         ensure_arg!(
-            n_splits as u64 <= u64::from(self.features().max_workgroups_per_dim),
+            n_splits as u64 <= u64::from(f.max_workgroups_per_dim),
             "attention_decode: too many splits"
         );
+        // One split: the kernel normalises and writes `out` itself, no reduce pass.
+        let direct = n_splits == 1;
 
-        let part_elems = (heads * n_splits * c.hd as usize) as u64;
+        let part_elems = if direct {
+            1
+        } else {
+            (heads * n_splits * c.hd as usize) as u64
+        };
         let ml_elems = (heads * n_splits * 2) as u64;
-        let align = u64::from(self.features().storage_offset_alignment.max(4)) / 4;
+        let align = u64::from(f.storage_offset_alignment.max(4)) / 4;
         let ml_first = part_elems.div_ceil(align) * align;
         let scratch = self.scratch_buffer((ml_first + ml_elems) * 4)?;
         let (part_b, _) = self.window("decode partials", &scratch, 0, part_elems, 4)?;
         let (ml_b, _) = self.window("decode partial stats", &scratch, ml_first, ml_elems, 4)?;
 
-        let kernel = self.attention_kernel(true, &c, p)?;
         let (kb, k_off) = self.window(
             "attention k pool",
             &pool.k.buffer,
@@ -378,6 +582,25 @@ impl GpuContext {
             l.extent(),
             c.sv.elem_bytes(),
         )?;
+        // Widest load every row start allows (all offsets are multiples of CH elements).
+        let ch = [8u32, 4, 2, 1]
+            .into_iter()
+            .find(|&ch| {
+                let max_ch = |s: ElemStorage| if s == ElemStorage::F32 { 4 } else { 8 };
+                ch <= max_ch(c.sk).min(max_ch(c.sv))
+                    && [
+                        u64::from(c.hd),
+                        u64::from(l.block_stride),
+                        u64::from(l.head_stride),
+                        u64::from(l.token_stride),
+                        k_off,
+                        v_off,
+                    ]
+                    .iter()
+                    .all(|x| x % u64::from(ch) == 0)
+            })
+            .unwrap_or(1);
+        let kernel = self.decode_kernel(&c, &p, ch)?;
         let params = self.attention_params(
             &c,
             pool,
@@ -397,7 +620,7 @@ impl GpuContext {
                 whole(&batch.block_tables),
                 kb,
                 vb,
-                part_b.clone(),
+                if direct { whole(out) } else { part_b.clone() },
                 ml_b.clone(),
             ],
             (
@@ -406,6 +629,9 @@ impl GpuContext {
                 batch.n_seqs as u32,
             ),
         );
+        if direct {
+            return Ok(());
+        }
 
         let key = PipelineKey {
             kernel: "attn_decode_reduce",
@@ -438,6 +664,43 @@ impl GpuContext {
             (c.n_q_heads, batch.n_seqs as u32, 1),
         );
         Ok(())
+    }
+
+    fn decode_kernel(
+        &self,
+        c: &Checked,
+        p: &DecodePlan,
+        ch: u32,
+    ) -> Result<std::sync::Arc<crate::pipeline::Kernel>> {
+        let sub = self.features().subgroup && p.nkt <= self.features().subgroup_size.0;
+        let key = PipelineKey {
+            kernel: "attn_decode_split",
+            elems: vec![c.sk, c.sv],
+            params: vec![
+                ("hd", c.hd),
+                ("rp", p.rp),
+                ("bk", p.bk),
+                ("nkt", p.nkt),
+                ("ch", ch),
+                ("sg", u32::from(sub)),
+            ],
+        };
+        let binds = [
+            Bind::Uniform,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::Read,
+            Bind::ReadWrite,
+            Bind::ReadWrite,
+        ];
+        let hd = c.hd;
+        let (sk, sv) = (c.sk, c.sv);
+        let p = *p;
+        self.kernel(key, &binds, |name| {
+            decode_source(name, hd, sk, sv, &p, ch, sub)
+        })
     }
 
     /// The context's scratch buffer, grown to at least `bytes`. Work already recorded keeps

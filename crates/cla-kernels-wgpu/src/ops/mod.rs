@@ -3,6 +3,7 @@
 //! caller-provided `wgpu::CommandEncoder`, so a whole decode step can be one submit.
 
 pub mod attention;
+pub mod copy;
 pub mod elementwise;
 pub mod embedding;
 pub mod kv_append;

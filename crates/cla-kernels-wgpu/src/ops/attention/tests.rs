@@ -278,7 +278,10 @@ proptest! {
 
     #[test]
     fn decode_attention_matches_cpu(s in scenario(true)) {
-        s.run(ctx(), true);
+        // Fast (subgroup shuffles) and portable (workgroup-memory reductions) paths.
+        for c in both_ctx() {
+            s.run(c, true);
+        }
     }
 
     #[test]
@@ -379,4 +382,41 @@ fn attention_rejects_bad_shapes() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("num_blocks"), "{err}");
+}
+
+/// Variants a real GPU picks (subgroups of 32, 48 KiB of workgroup memory, 8-half loads)
+/// cannot be built on the software device (subgroups of 8, 32 KiB): check that naga accepts
+/// them, with every capability the H100 offers.
+#[test]
+fn gpu_only_decode_variants_pass_naga_validation() {
+    use wgpu::naga;
+    for (hd, group) in [
+        (128u32, 32u32),
+        (128, 4),
+        (128, 1),
+        (64, 8),
+        (256, 8),
+        (90, 96),
+    ] {
+        for nkt_cap in [32u32, 16] {
+            let p = super::decode_plan(hd, group, 48 * 1024, nkt_cap).unwrap();
+            for (sk, ch) in [
+                (
+                    crate::ElemStorage::F16Packed,
+                    if hd % 8 == 0 { 8 } else { 2 },
+                ),
+                (crate::ElemStorage::F32, if hd % 4 == 0 { 4 } else { 2 }),
+            ] {
+                let src = super::decode_source("v", hd, sk, sk, &p, ch, true).unwrap();
+                let module = naga::front::wgsl::parse_str(&src)
+                    .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+                naga::valid::Validator::new(
+                    naga::valid::ValidationFlags::all(),
+                    naga::valid::Capabilities::all(),
+                )
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("hd {hd} group {group} {p:?}: {e:?}"));
+            }
+        }
+    }
 }

@@ -1,0 +1,92 @@
+// Matrix-vector product for decode with wide loads: y[b, n] = sum_k x[b, k] * w[n, k] for a
+// few rows b, when k is a multiple of the chunk width CH (8 halves in a vec4<u32>, or 4 f32 in
+// a vec4<f32>). Bound by reading w once, so every load is 16 bytes and each thread keeps
+// UNROLL of them in flight before using any.
+//
+// TPR threads share one weight row (consecutive lanes read consecutive 16-byte chunks), RPW
+// rows share a workgroup, and each weight chunk is applied to up to MB activation rows. The
+// TPR partial sums of a row are added by one thread from workgroup memory (one barrier).
+//
+// Placeholders (written in double braces below): W_DECL (binding 2 with w_chunk(row, c)
+// returning the chunk as two vec4<f32>, the second zero for f32), CH, TPR, RPW, MB, UNROLL.
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+{{W_DECL}}
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+
+const CH: u32 = {{CH}}u;
+const TPR: u32 = {{TPR}}u;
+const RPW: u32 = {{RPW}}u;
+const MB: u32 = {{MB}}u;
+const UNROLL: u32 = {{UNROLL}}u;
+const WG: u32 = TPR * RPW;
+
+var<workgroup> red: array<f32, MB * WG>;
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = lid % TPR;
+    let row0 = (wid.x + wid.y * nwg.x) * RPW;
+    let row = row0 + lid / TPR;
+    let valid = row < p.n;
+    let nch = p.k / CH;
+    let k4 = p.k / 4u;
+    for (var b0 = 0u; b0 < p.m; b0 += MB) {
+        var acc: array<f32, MB>;
+        if (valid) {
+            for (var c0 = t; c0 < nch; c0 += TPR * UNROLL) {
+                var wr: array<WRaw, UNROLL>;
+                for (var u = 0u; u < UNROLL; u++) {
+                    let c = c0 + u * TPR;
+                    if (c < nch) {
+                        wr[u] = w_load(row * nch + c);
+                    }
+                }
+                for (var u = 0u; u < UNROLL; u++) {
+                    let c = c0 + u * TPR;
+                    if (c < nch) {
+                        let wv = w_unpack(wr[u]);
+                        for (var b = 0u; b < MB; b++) {
+                            if (b0 + b < p.m) {
+                                let xi = (b0 + b) * k4 + c * (CH / 4u);
+                                var s = dot(wv[0], x[xi]);
+                                if (CH == 8u) {
+                                    s += dot(wv[1], x[xi + 1u]);
+                                }
+                                acc[b] += s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (var b = 0u; b < MB; b++) {
+            red[b * WG + lid] = acc[b];
+        }
+        workgroupBarrier();
+        if (lid < RPW * MB) {
+            let r = lid / MB;
+            let b = lid % MB;
+            var s = 0.0;
+            for (var j = 0u; j < TPR; j++) {
+                s += red[b * WG + r * TPR + j];
+            }
+            if (row0 + r < p.n && b0 + b < p.m) {
+                y[(b0 + b) * p.n + row0 + r] = s;
+            }
+        }
+        workgroupBarrier();
+    }
+}
