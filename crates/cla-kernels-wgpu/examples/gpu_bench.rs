@@ -12,15 +12,18 @@
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
 //!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second.
 //!   Configurations whose K/V region exceeds the adapter's storage-binding limit are skipped.
-//! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, both micro-tiles; FLOP/s,
-//!   and the percentage of `--ref-tflops X` (e.g. the card's measured bf16 tensor rate) when
-//!   given.
+//! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
+//!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
+//!   card's measured bf16 tensor rate) when given.
+//! - matmul_coopmat: the cooperative-matrix (tensor core) f16 matmul at 4096^3 and
+//!   8192x4096x4096 when the adapter offers it, checked against the R64 kernel on the same
+//!   inputs (max |diff| relative to max |ref|); FLOP/s and percentage of `--ref-tflops`.
 //! - matvec: decode-shaped matrix-vector products; weight bytes per second and FLOP/s.
 //!
 //! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
 //! time around submit-and-wait is used (and the JSON says which). `--quick` uses tiny sizes so
 //! that the benchmark can be checked on a software adapter (selected with CLA_DEVICE=cpu or
-//! `--device cpu`). The cooperative-matrix path is reported as unavailable: no kernel uses it yet.
+//! `--device cpu`). The cooperative-matrix row says why when the path is unavailable.
 //!
 //! ```text
 //! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] OUT.json
@@ -314,7 +317,7 @@ fn main() -> BenchResult<()> {
     let y = ctx.create_tensor(&[n, n], DType::F32, "y")?;
     for dtype in [DType::F32, DType::F16] {
         let w = ctx.create_tensor(&[n, n], dtype, "w")?;
-        for tile in [MatmulTile::T4, MatmulTile::T8] {
+        for tile in [MatmulTile::T4, MatmulTile::T8, MatmulTile::R64] {
             let secs = match timer.time(if q { 2 } else { 10 }, &mut |enc| {
                 ctx.matmul(enc, &x, &w, &y, tile)
             }) {
@@ -344,21 +347,80 @@ fn main() -> BenchResult<()> {
         }
     }
     drop((x, y));
-    rows.push(Row {
-        kind: "matmul_coopmat",
-        params: vec![],
-        seconds: 0.0,
-        bytes_per_s: None,
-        flops: None,
-        note: if feats.cooperative_matrix.is_empty() {
-            "adapter reports no cooperative matrix (or switched off)".into()
+    if ctx.coopmat_f16_available() {
+        let shapes: &[(usize, usize, usize)] = if q {
+            &[(256, 256, 256), (300, 200, 136)]
         } else {
-            format!(
-                "adapter offers {:?}; no cooperative-matrix kernel implemented yet",
-                feats.cooperative_matrix
-            )
-        },
-    });
+            &[(4096, 4096, 4096), (8192, 4096, 4096)]
+        };
+        for &(m, nn, k) in shapes {
+            // Deterministic values in [-1, 1).
+            let noise = |len: usize, seed: u64| -> Vec<f32> {
+                let mut st = seed;
+                (0..len)
+                    .map(|_| {
+                        st = st
+                            .wrapping_mul(6_364_136_223_846_793_005)
+                            .wrapping_add(1_442_695_040_888_963_407);
+                        ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                    })
+                    .collect()
+            };
+            let x = ctx.upload_f32(&noise(m * k, 1), &[m, k])?;
+            let w = ctx.upload_f32_as_f16(&noise(nn * k, 2), &[nn, k])?;
+            let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
+            let y_ref = ctx.create_tensor(&[m, nn], DType::F32, "y_ref")?;
+            let mut enc = ctx.encoder();
+            ctx.matmul(&mut enc, &x, &w, &y_ref, MatmulTile::R64)?;
+            ctx.matmul_coopmat(&mut enc, &x, &w, &y)?;
+            ctx.submit_and_wait(enc)?;
+            let (got, want) = (ctx.read_f32(&y)?, ctx.read_f32(&y_ref)?);
+            let max_ref = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let max_diff = got
+                .iter()
+                .zip(&want)
+                .fold(0.0f32, |a, (g, r)| a.max((g - r).abs()));
+            let secs = timer.time(if q { 2 } else { 10 }, &mut |enc| {
+                ctx.matmul_coopmat(enc, &x, &w, &y)
+            })?;
+            let flops = 2.0 * (m * nn * k) as f64 / secs;
+            let mut note = format!(
+                "max|diff| / max|ref| vs R64 = {:.2e}",
+                f64::from(max_diff) / f64::from(max_ref.max(f32::MIN_POSITIVE))
+            );
+            if let Some(r) = args.ref_tflops {
+                let _ = write!(
+                    note,
+                    "; {:.1}% of reference {r} TFLOP/s",
+                    100.0 * flops / (r * 1e12)
+                );
+            }
+            rows.push(Row {
+                kind: "matmul_coopmat",
+                params: vec![
+                    ("m_n_k", format!("{m}x{nn}x{k}")),
+                    ("weights", "f16".into()),
+                    ("tile", "128x128 coop16x16x16".into()),
+                ],
+                seconds: secs,
+                bytes_per_s: None,
+                flops: Some(flops),
+                note,
+            });
+        }
+    } else {
+        rows.push(Row {
+            kind: "matmul_coopmat",
+            params: vec![],
+            seconds: 0.0,
+            bytes_per_s: None,
+            flops: None,
+            note: format!(
+                "not available (cooperative matrix shapes {:?}, subgroup size {:?}, f16 {})",
+                feats.cooperative_matrix, feats.subgroup_size, feats.shader_f16
+            ),
+        });
+    }
 
     // 4. Decode-shaped matvec.
     let shapes: &[(usize, usize, usize)] = if q {

@@ -247,7 +247,7 @@ pub struct GpuFeatures {
     /// Smallest and largest subgroup size the adapter reports.
     pub subgroup_size: (u32, u32),
     /// Cooperative-matrix shapes the adapter reports (empty if none or switched off).
-    /// No kernel of this crate uses them yet; the portable tiled matmul runs instead.
+    /// A 16x16x16 f16 -> f32 shape enables [`GpuContext::matmul_coopmat`].
     pub cooperative_matrix: Vec<CoopMatShape>,
     /// Timestamp queries at pass boundaries are on.
     pub timestamp_query: bool,
@@ -279,6 +279,8 @@ pub struct GpuContext {
     pub(crate) pipelines: PipelineCache,
     errors: Arc<Mutex<Vec<String>>>,
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
+    /// f16 copy of the activations for the cooperative-matrix matmul (grown on demand).
+    pub(crate) coop_staging: Mutex<Option<wgpu::Buffer>>,
 }
 
 impl fmt::Debug for GpuContext {
@@ -403,13 +405,23 @@ impl GpuContext {
                 | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
                 | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         }
+        if fp.coopmat {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
         let required = have & wanted;
+        let experimental = if required.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            // SAFETY: only the cooperative-matrix feature is requested among the experimental
+            // ones; its kernel stays inside the documented operand shapes and memory bounds.
+            unsafe { wgpu::ExperimentalFeatures::enabled() }
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("cla-kernels-wgpu"),
             required_features: required,
             required_limits: limits.clone(),
-            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            experimental_features: experimental,
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
         }))
@@ -426,22 +438,24 @@ impl GpuContext {
             }
         }));
 
-        let cooperative_matrix =
-            if fp.coopmat && have.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
-                adapter
-                    .cooperative_matrix_properties()
-                    .into_iter()
-                    .map(|p| CoopMatShape {
-                        m: p.m_size,
-                        n: p.n_size,
-                        k: p.k_size,
-                        ab: format!("{:?}", p.ab_type),
-                        cr: format!("{:?}", p.cr_type),
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+        let cooperative_matrix = if device
+            .features()
+            .contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX)
+        {
+            adapter
+                .cooperative_matrix_properties()
+                .into_iter()
+                .map(|p| CoopMatShape {
+                    m: p.m_size,
+                    n: p.n_size,
+                    k: p.k_size,
+                    ab: format!("{:?}", p.ab_type),
+                    cr: format!("{:?}", p.cr_type),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let dev_features = device.features();
         let features = GpuFeatures {
             shader_f16: dev_features.contains(wgpu::Features::SHADER_F16),
@@ -467,6 +481,7 @@ impl GpuContext {
             pipelines: PipelineCache::default(),
             errors,
             scratch: Mutex::new(None),
+            coop_staging: Mutex::new(None),
         })
     }
 

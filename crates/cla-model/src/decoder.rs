@@ -89,4 +89,29 @@ pub trait Decoder {
     /// `[positions, vocab]`: one row for [`LogitsWanted::Last`], one per new token for
     /// [`LogitsWanted::All`]. On error no sequence has changed.
     fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>>;
+
+    /// Runs the batch and returns, per step, the greedy token (argmax, lowest id on ties)
+    /// of its last new position. Backends that can choose the token where the logits are
+    /// (the GPU) override this so that only token ids travel back.
+    fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
+        let logits = self.forward(batch)?;
+        Ok(logits
+            .iter()
+            .map(|l| argmax_lowest(l.row(l.nrows() - 1).iter().copied()))
+            .collect())
+    }
+}
+
+/// Index of the largest value, the lowest index on ties; NaNs never win.
+pub(crate) fn argmax_lowest(values: impl Iterator<Item = f32>) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, v) in values.enumerate() {
+        if v.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best.map_or(0, |(i, _)| i as u32)
 }

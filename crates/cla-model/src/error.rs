@@ -12,6 +12,11 @@ pub enum ModelError {
     #[error("config.json: {0}")]
     Config(#[from] cla_core::ConfigError),
 
+    /// The GPU backend failed: no usable adapter, a feature the adapter lacks, or a
+    /// device error while running.
+    #[error("GPU: {0}")]
+    Gpu(#[from] cla_kernels_wgpu::GpuError),
+
     /// A file the model directory needs does not exist.
     #[error("{}: {what} not found; {hint}", path.display())]
     MissingFile {

@@ -314,25 +314,30 @@ fn run(
             return Ok(());
         }
         let started = Instant::now();
-        let logits = {
-            let steps: Vec<SequenceStep<'_>> = active
+        let steps: Vec<SequenceStep<'_>> = active
+            .iter()
+            .map(|&i| {
+                let s = &states[i];
+                let last = s.generation.ids.len() - 1;
+                SequenceStep::last(s.seq.expect("added"), &s.generation.ids[last..])
+            })
+            .collect();
+        // Plain argmax needs no logits here: let the backend choose the token where the
+        // logits are, so a GPU step reads back only token ids.
+        let sampled: Vec<u32> = if states[active[0]].sampler.config().is_plain_argmax() {
+            decoder.forward_greedy(&steps)?
+        } else {
+            let logits = decoder.forward(&steps)?;
+            active
                 .iter()
-                .map(|&i| {
-                    let s = &states[i];
-                    let last = s.generation.ids.len() - 1;
-                    SequenceStep::last(s.seq.expect("added"), &s.generation.ids[last..])
+                .zip(&logits)
+                .map(|(&i, l)| {
+                    let s = &mut states[i];
+                    s.sampler
+                        .sample(l.row(0).as_slice().expect("contiguous"), &s.history)
                 })
-                .collect();
-            decoder.forward(&steps)?
+                .collect()
         };
-        let mut sampled = Vec::with_capacity(active.len());
-        for (&i, l) in active.iter().zip(&logits) {
-            let s = &mut states[i];
-            sampled.push(
-                s.sampler
-                    .sample(l.row(0).as_slice().expect("contiguous"), &s.history),
-            );
-        }
         let seconds = started.elapsed().as_secs_f64();
         for (&i, token) in active.iter().zip(sampled) {
             let s = &mut states[i];

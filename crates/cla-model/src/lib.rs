@@ -32,6 +32,7 @@ pub mod cpu;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+pub mod gpu;
 pub mod ops;
 pub mod perplexity;
 pub mod rng;
@@ -45,6 +46,7 @@ pub use error::{ModelError, Result};
 pub use generate::{
     Generation, GenerationConfig, GenerationTimings, StopReason, TokenEvent, generate, generate_ids,
 };
+pub use gpu::{GpuDecoder, GpuDecoderOptions, GpuKvStorage, GpuWeightDType};
 pub use perplexity::{
     PerplexityConfig, PerplexityReport, Window, perplexity, perplexity_of_ids, plan_windows,
 };

@@ -51,6 +51,12 @@ impl SamplingConfig {
         self.temperature == 0.0 || self.top_k == 1
     }
 
+    /// Whether the next token is exactly the argmax of the logits: greedy with no
+    /// repetition penalty, so a backend may pick it where the logits are (on the GPU).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.is_greedy() && self.repetition_penalty == 1.0
+    }
+
     /// Checks every setting's domain.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
@@ -88,6 +94,11 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// The settings this sampler follows.
+    pub fn config(&self) -> &SamplingConfig {
+        &self.config
+    }
+
     /// A sampler for `config`, its stream seeded by `config.seed` and `stream` (e.g. the
     /// prompt's index in a batch).
     pub fn new(config: SamplingConfig, stream: u64) -> Self {

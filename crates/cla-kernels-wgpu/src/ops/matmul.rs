@@ -1,8 +1,17 @@
 //! Linear layers: `y = x · wᵀ` with `w` in the `[out_features, in_features]` layout, f32 or f16.
 //!
-//! Two kernels: a tiled matmul for prefill (`shaders/matmul.wgsl`, many activation rows,
-//! compute bound) and a matrix-vector product for decode (`shaders/matvec.wgsl`, a few rows,
-//! bound by reading the weights once). [`GpuContext::linear`] picks between them.
+//! Kernels:
+//! - a register-tiled matmul for prefill (`shaders/matmul_reg.wgsl`, [`MatmulTile::R64`]:
+//!   64x64 tiles, 4x4 outputs per thread in vec4 registers, vec4 loads), portable;
+//! - a cooperative-matrix (tensor core) matmul (`shaders/matmul_coop.wgsl`) for f16 weights,
+//!   with activations rounded to f16 and f32 accumulation, where the adapter offers 16x16x16
+//!   f16 -> f32 tiles ([`GpuContext::matmul_coopmat`]);
+//! - the older shared-memory tiled matmul (`shaders/matmul.wgsl`, [`MatmulTile::T4`] / `T8`);
+//! - a matrix-vector product for decode (`shaders/matvec*.wgsl`, a few rows, bound by reading
+//!   the weights once).
+//!
+//! [`GpuContext::linear`] picks: matvec up to [`MATVEC_MAX_ROWS`] rows, else the
+//! cooperative-matrix kernel when available (f16 weights, `k` a multiple of 8), else R64.
 
 use crate::context::GpuContext;
 use crate::error::{Result, ensure_arg};
@@ -11,6 +20,28 @@ use crate::pipeline::{Bind, PipelineKey, elem_buffer, render, whole, with_f16_he
 use crate::tensor::{DType, GpuTensor};
 
 const MATMUL_SRC: &str = include_str!("../shaders/matmul.wgsl");
+const MATMUL_REG_SRC: &str = include_str!("../shaders/matmul_reg.wgsl");
+const MATMUL_COOP_SRC: &str = include_str!("../shaders/matmul_coop.wgsl");
+/// Output tile edge of the register-tiled matmul ([`MatmulTile::R64`]).
+const REG_BM: usize = 64;
+/// Output tile edge of the cooperative-matrix matmul.
+const COOP_BM: usize = 128;
+/// K slice of the cooperative-matrix matmul.
+const COOP_BK: u32 = 64;
+/// f32 -> packed f16 conversion of activations for the cooperative-matrix matmul.
+const TO_F16_SRC: &str = "struct Params { words: u32, _a: u32, _b: u32, _c: u32 }
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<vec2<f32>>;
+@group(0) @binding(2) var<storage, read_write> o: array<u32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.x + wid.y * nwg.x) * 256u + lid;
+    if (i < p.words) {
+        o[i] = pack2x16float(x[i]);
+    }
+}
+";
 const MATVEC_SRC: &str = include_str!("../shaders/matvec.wgsl");
 const MATVEC_VEC_SRC: &str = include_str!("../shaders/matvec_vec.wgsl");
 /// Wide-load matvec: one subgroup-sized team of lanes per weight row (32 lanes x 16 bytes =
@@ -36,8 +67,12 @@ pub enum MatmulTile {
     /// 4x4 per thread, 64x64 per workgroup, 8.3 KiB of workgroup memory.
     T4,
     /// 8x8 per thread, 128x128 per workgroup, 16.5 KiB of workgroup memory (more reuse per
-    /// load; used when the adapter allows and the output is large).
+    /// load).
     T8,
+    /// Register-tiled: 4x4 per thread held in vec4 registers, 64x64 per workgroup, K slices
+    /// of 16 loaded as vec4s (when `k` is a multiple of 4), 8.5 KiB of workgroup memory. The
+    /// fastest portable kernel; [`GpuContext::linear`] uses it for prefill.
+    R64,
 }
 
 impl MatmulTile {
@@ -45,11 +80,17 @@ impl MatmulTile {
         match self {
             MatmulTile::T4 => 4,
             MatmulTile::T8 => 8,
+            MatmulTile::R64 => 4,
         }
     }
     fn shared_bytes(self) -> u32 {
-        let bm = 16 * self.tm();
-        2 * 16 * (bm + 1) * 4
+        match self {
+            MatmulTile::R64 => 2 * 16 * (REG_BM as u32 + 4) * 4,
+            _ => {
+                let bm = 16 * self.tm();
+                2 * 16 * (bm + 1) * 4
+            }
+        }
     }
 }
 
@@ -85,8 +126,10 @@ fn linear_shape(x: &GpuTensor, w: &GpuTensor, y: &GpuTensor) -> Result<LinearSha
 }
 
 impl GpuContext {
-    /// `y = x · wᵀ`, choosing the matvec kernel for at most [`MATVEC_MAX_ROWS`] rows and the
-    /// tiled matmul otherwise. `x` is `[.., k]` f32, `w` is `[n, k]` f32/f16, `y` is `[.., n]`.
+    /// `y = x · wᵀ`, choosing the matvec kernel for at most [`MATVEC_MAX_ROWS`] rows, the
+    /// cooperative-matrix matmul for f16 weights where available (activations rounded to
+    /// f16), and the register-tiled matmul otherwise. `x` is `[.., k]` f32, `w` is `[n, k]`
+    /// f32/f16, `y` is `[.., n]`.
     pub fn linear(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -97,14 +140,155 @@ impl GpuContext {
         let s = linear_shape(x, w, y)?;
         if s.m <= MATVEC_MAX_ROWS {
             self.matvec(encoder, x, w, y)
+        } else if self.coopmat_fits(w, &s) {
+            self.matmul_coopmat(encoder, x, w, y)
         } else {
-            let tile = if s.m >= 128 && s.n >= 128 && self.tile_fits(MatmulTile::T8) {
-                MatmulTile::T8
+            let tile = if self.tile_fits(MatmulTile::R64) {
+                MatmulTile::R64
             } else {
                 MatmulTile::T4
             };
             self.matmul(encoder, x, w, y, tile)
         }
+    }
+
+    /// Whether the device can run [`GpuContext::matmul_coopmat`]: a 16x16x16 f16 -> f32
+    /// cooperative-matrix shape, native f16, subgroups of exactly 32 invocations and enough
+    /// workgroup memory. `CLA_GPU_DISABLE=coopmat` switches it off.
+    pub fn coopmat_f16_available(&self) -> bool {
+        let f = self.features();
+        f.shader_f16
+            && f.subgroup_size == (32, 32)
+            && f.max_invocations >= 256
+            && f.max_workgroup_storage >= coop_shared_bytes(COOP_BK)
+            && f.cooperative_matrix
+                .iter()
+                .any(|c| (c.m, c.n, c.k) == (16, 16, 16) && c.ab == "F16" && c.cr == "F32")
+    }
+
+    fn coopmat_fits(&self, w: &GpuTensor, s: &LinearShape) -> bool {
+        w.dtype == DType::F16 && s.k.is_multiple_of(8) && self.coopmat_f16_available()
+    }
+
+    /// `y = x · wᵀ` on the tensor cores: `x` is rounded to f16 (into a staging buffer kept by
+    /// the context), `w` must be f16, products are accumulated in f32. Needs `k` a multiple
+    /// of 8 and [`GpuContext::coopmat_f16_available`]; any `m`, `n`.
+    pub fn matmul_coopmat(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<()> {
+        let s = linear_shape(x, w, y)?;
+        ensure_arg!(
+            w.dtype == DType::F16,
+            "matmul_coopmat: weights must be f16, got {:?}",
+            w.dtype
+        );
+        ensure_arg!(
+            s.k.is_multiple_of(8),
+            "matmul_coopmat: in_features {} is not a multiple of 8",
+            s.k
+        );
+        if !self.coopmat_f16_available() {
+            return Err(crate::GpuError::NotAvailable(
+                "matmul_coopmat: no 16x16x16 f16 -> f32 cooperative matrix with subgroups of 32 \
+                 (or switched off with CLA_GPU_DISABLE=coopmat)"
+                    .into(),
+            ));
+        }
+        self.check_binding("linear weight", w.byte_len() as u64)?;
+        let half_bytes = (s.m * s.k * 2) as u64;
+        self.check_binding("matmul_coopmat f16 activations", half_bytes)?;
+        let gx = u32_of("matmul_coopmat grid x", s.n.div_ceil(COOP_BM))?;
+        let gy = u32_of("matmul_coopmat grid y", s.m.div_ceil(COOP_BM))?;
+        let max = self.features().max_workgroups_per_dim;
+        if gx > max || gy > max {
+            return Err(crate::GpuError::NotAvailable(format!(
+                "matmul_coopmat grid {gx}x{gy} exceeds {max} workgroups per dimension"
+            )));
+        }
+        let staging = self.coop_staging(half_bytes)?;
+
+        // 1. Activations to f16 (two per word).
+        let words = s.m * s.k / 2;
+        let conv = self.kernel(
+            PipelineKey {
+                kernel: "to_f16",
+                elems: vec![],
+                params: vec![],
+            },
+            &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
+            |_| Ok(TO_F16_SRC.to_owned()),
+        )?;
+        let params = self.uniform(&[u32_of("to_f16 words", words)?]);
+        let (cx, cy) = self.grid((words as u64).div_ceil(256))?;
+        self.dispatch(
+            encoder,
+            &conv,
+            &[
+                params.as_entire_binding(),
+                whole(x),
+                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &staging,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(half_bytes),
+                }),
+            ],
+            (cx, cy, 1),
+        );
+
+        // 2. The tensor-core tiles.
+        let key = PipelineKey {
+            kernel: "matmul_coop",
+            elems: vec![crate::ElemStorage::F16],
+            params: vec![("bk", COOP_BK)],
+        };
+        let kernel = self.kernel(
+            key,
+            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
+            |name| coop_source(name, COOP_BK),
+        )?;
+        let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
+        self.dispatch(
+            encoder,
+            &kernel,
+            &[
+                params.as_entire_binding(),
+                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &staging,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(half_bytes),
+                }),
+                whole(w),
+                whole(y),
+            ],
+            (gx, gy, 1),
+        );
+        Ok(())
+    }
+
+    /// The f16 activation staging buffer, grown to at least `bytes`. Reusing one buffer
+    /// across calls recorded in one encoder is safe: every dispatch is its own pass.
+    fn coop_staging(&self, bytes: u64) -> Result<wgpu::Buffer> {
+        let mut slot = self
+            .coop_staging
+            .lock()
+            .map_err(|_| crate::GpuError::Device("staging buffer lock poisoned".into()))?;
+        if let Some(b) = slot.as_ref()
+            && b.size() >= bytes
+        {
+            return Ok(b.clone());
+        }
+        let b = self.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("cla coopmat f16 activations"),
+            size: bytes.div_ceil(16) * 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        *slot = Some(b.clone());
+        Ok(b)
     }
 
     fn tile_fits(&self, tile: MatmulTile) -> bool {
@@ -130,6 +314,9 @@ impl GpuContext {
         }
         self.check_binding("linear weight", w.byte_len() as u64)?;
         let st = self.elem_storage(w.dtype)?;
+        if tile == MatmulTile::R64 {
+            return self.matmul_reg(encoder, x, w, y, &s, st);
+        }
         let tm = tile.tm();
         let key = PipelineKey {
             kernel: "matmul",
@@ -155,6 +342,47 @@ impl GpuContext {
         let bm = 16 * tm as usize;
         let gx = u32_of("matmul grid x", s.n.div_ceil(bm))?;
         let gy = u32_of("matmul grid y", s.m.div_ceil(bm))?;
+        let max = self.features().max_workgroups_per_dim;
+        if gx > max || gy > max {
+            return Err(crate::GpuError::NotAvailable(format!(
+                "matmul grid {gx}x{gy} exceeds {max} workgroups per dimension"
+            )));
+        }
+        self.dispatch(
+            encoder,
+            &kernel,
+            &[params.as_entire_binding(), whole(x), whole(w), whole(y)],
+            (gx, gy, 1),
+        );
+        Ok(())
+    }
+
+    fn matmul_reg(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        y: &GpuTensor,
+        s: &LinearShape,
+        st: crate::ElemStorage,
+    ) -> Result<()> {
+        let vec4 = s.k.is_multiple_of(4);
+        let key = PipelineKey {
+            kernel: "matmul_reg",
+            elems: vec![st],
+            params: vec![("vec", u32::from(vec4))],
+        };
+        let kernel = self.kernel(
+            key,
+            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
+            |name| {
+                let body = render(name, MATMUL_REG_SRC, &[("DECLS", reg_decls(st, vec4))])?;
+                Ok(with_f16_header(&[st], body))
+            },
+        )?;
+        let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
+        let gx = u32_of("matmul grid x", s.n.div_ceil(REG_BM))?;
+        let gy = u32_of("matmul grid y", s.m.div_ceil(REG_BM))?;
         let max = self.features().max_workgroups_per_dim;
         if gx > max || gy > max {
             return Err(crate::GpuError::NotAvailable(format!(
@@ -296,6 +524,65 @@ impl GpuContext {
     }
 }
 
+/// Workgroup memory of the cooperative-matrix kernel: two staged slices of 128 rows of
+/// `bk + 8` halves, and a 16x16 f32 square per subgroup.
+fn coop_shared_bytes(bk: u32) -> u32 {
+    2 * COOP_BM as u32 * (bk + 8) * 2 + 8 * 256 * 4
+}
+
+fn coop_source(name: &str, bk: u32) -> Result<String> {
+    render(name, MATMUL_COOP_SRC, &[("BK", bk.to_string())])
+}
+
+/// Bindings 1 (x) and 2 (w) of the register-tiled matmul with their vec4 loaders. With
+/// `vec4`, `k` is a multiple of 4, so a group of 4 is either wholly inside a row or outside.
+fn reg_decls(w: crate::ElemStorage, vec4: bool) -> String {
+    use crate::ElemStorage as E;
+    if !vec4 {
+        let mut s = String::from(
+            "@group(0) @binding(1) var<storage, read> x: array<f32>;\n\
+             fn load_x(r: u32, k: u32) -> vec4<f32> {\n\
+                 var v = vec4<f32>(0.0);\n\
+                 if (r < p.m) {\n\
+                     let b = r * p.k;\n\
+                     for (var i = 0u; i < 4u; i++) { if (k + i < p.k) { v[i] = x[b + k + i]; } }\n\
+                 }\n\
+                 return v;\n\
+             }\n\
+             fn load_w(r: u32, k: u32) -> vec4<f32> {\n\
+                 var v = vec4<f32>(0.0);\n\
+                 if (r < p.n) {\n\
+                     let b = r * p.k;\n\
+                     for (var i = 0u; i < 4u; i++) { if (k + i < p.k) { v[i] = w_ld(b + k + i); } }\n\
+                 }\n\
+                 return v;\n\
+             }\n",
+        );
+        s += &elem_buffer("w", 2, w, false);
+        return s;
+    }
+    let (w_ty, w_get) = match w {
+        E::F32 => ("vec4<f32>", "w[i]"),
+        E::F16 => ("vec4<f16>", "vec4<f32>(w[i])"),
+        E::F16Packed => (
+            "vec2<u32>",
+            "vec4<f32>(unpack2x16float(w[i].x), unpack2x16float(w[i].y))",
+        ),
+    };
+    format!(
+        "@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;\n\
+         @group(0) @binding(2) var<storage, read> w: array<{w_ty}>;\n\
+         fn load_x(r: u32, k: u32) -> vec4<f32> {{\n\
+             if (r < p.m && k < p.k) {{ return x[(r * p.k + k) / 4u]; }}\n\
+             return vec4<f32>(0.0);\n\
+         }}\n\
+         fn load_w(r: u32, k: u32) -> vec4<f32> {{\n\
+             if (r < p.n && k < p.k) {{ let i = (r * p.k + k) / 4u; return {w_get}; }}\n\
+             return vec4<f32>(0.0);\n\
+         }}\n"
+    )
+}
+
 #[cfg(test)]
 // Reference implementations index like the math they follow.
 #[allow(clippy::needless_range_loop)]
@@ -333,20 +620,94 @@ mod tests {
                 let tx = c.upload_f32(&x, &[m, k]).unwrap();
                 let tw = if f16 { c.upload_f32_as_f16(&w, &[n, k]).unwrap() } else { c.upload_f32(&w, &[n, k]).unwrap() };
                 let reference = reference(&x, &w, m, n, k);
-                // All three kernels on the same shapes: matvec (any m), both matmul tiles.
-                for which in 0..3 {
+                // All kernels on the same shapes: matvec (any m), every matmul tile.
+                for which in 0..4 {
                     let y = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
                     c.fill_u32_pattern(&y, POISON);
                     let mut enc = c.encoder();
                     match which {
                         0 => c.matvec(&mut enc, &tx, &tw, &y).unwrap(),
                         1 => c.matmul(&mut enc, &tx, &tw, &y, MatmulTile::T4).unwrap(),
-                        _ => c.matmul(&mut enc, &tx, &tw, &y, MatmulTile::T8).unwrap(),
+                        2 => c.matmul(&mut enc, &tx, &tw, &y, MatmulTile::T8).unwrap(),
+                        _ => c.matmul(&mut enc, &tx, &tw, &y, MatmulTile::R64).unwrap(),
                     }
                     c.submit_and_wait(enc).unwrap();
                     assert_close(&format!("linear kernel {which} f16={f16}"), &c.read_f32(&y).unwrap(), &reference, 1e-5);
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(cases(12))]
+        /// The register-tiled kernel across several 64x64 tiles and K slices, with edges
+        /// that are not multiples of the tile, of 4 or of 16; through `linear` (prefill rows).
+        #[test]
+        fn register_tiled_matmul_matches_cpu(m in 9usize..160, n in 1usize..160,
+                                             k in prop_oneof![1usize..90, (1usize..24).prop_map(|k| 4 * k)],
+                                             f16 in any::<bool>(), seed: u64) {
+            for c in both_ctx() {
+                let x = values(seed, m * k);
+                let mut w = values(seed ^ 5, n * k);
+                if f16 {
+                    w = round_f16(&w);
+                }
+                let tx = c.upload_f32(&x, &[m, k]).unwrap();
+                let tw = if f16 { c.upload_f32_as_f16(&w, &[n, k]).unwrap() } else { c.upload_f32(&w, &[n, k]).unwrap() };
+                let y = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
+                c.fill_u32_pattern(&y, POISON);
+                let mut enc = c.encoder();
+                c.linear(&mut enc, &tx, &tw, &y).unwrap();
+                c.submit_and_wait(enc).unwrap();
+                let tol = if c.coopmat_f16_available() && f16 && k % 8 == 0 { 2e-3 } else { 1e-5 };
+                assert_close(&format!("register-tiled matmul {m}x{n}x{k} f16={f16}"),
+                             &c.read_f32(&y).unwrap(), &reference(&x, &w, m, n, k), tol);
+            }
+        }
+    }
+
+    /// The software device has no cooperative matrices: check that naga accepts the tensor-core
+    /// kernel with every capability an H100 offers.
+    #[test]
+    fn coopmat_kernel_passes_naga_validation() {
+        use wgpu::naga;
+        for bk in [32u32, 64] {
+            let src = super::coop_source("matmul_coop", bk).unwrap();
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+            let info = naga::valid::Validator::new(
+                naga::valid::ValidationFlags::all(),
+                naga::valid::Capabilities::all(),
+            )
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("bk {bk}: {e:?}"));
+            // The Vulkan path: the module must also translate to SPIR-V.
+            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+                .unwrap_or_else(|e| panic!("bk {bk}: SPIR-V: {e:?}"));
+        }
+        let module = naga::front::wgsl::parse_str(super::TO_F16_SRC).unwrap();
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap();
+    }
+
+    #[test]
+    fn coopmat_reports_unavailable_without_the_feature() {
+        for c in both_ctx() {
+            if c.coopmat_f16_available() {
+                continue;
+            }
+            let x = c.upload_f32(&[0.0; 16], &[2, 8]).unwrap();
+            let w = c.upload_f32_as_f16(&[0.0; 16], &[2, 8]).unwrap();
+            let y = c.create_tensor(&[2, 2], crate::DType::F32, "y").unwrap();
+            let mut enc = c.encoder();
+            assert!(matches!(
+                c.matmul_coopmat(&mut enc, &x, &w, &y),
+                Err(crate::GpuError::NotAvailable(_))
+            ));
         }
     }
 

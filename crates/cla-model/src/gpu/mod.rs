@@ -1,0 +1,710 @@
+//! The GPU decoder: the model of [`crate::cpu`] run on the WGSL kernels of
+//! `cla-kernels-wgpu`, behind the same [`Decoder`] trait, so generation, perplexity and
+//! batching work unchanged on either backend and can be checked against each other.
+//!
+//! - Weights are uploaded once ([`GpuWeightDType`]: f32, or f16 matrices).
+//! - The KV cache is `cla-kv`'s [`PagedKvCache`] over a [`GpuKvStorage`]: the allocator,
+//!   block tables, reservations and accounting are the CPU decoder's; only the pool lives in
+//!   GPU buffers, one per `(producer slot, K|V)` plane, laid out as [`cla_kv::KvLayout`]
+//!   says. A producer layer appends its keys and values to its slot with `kv_append`; a
+//!   consumer layer runs attention over its producer's slot (`KvSharing::slot_of`).
+//! - A forward pass of the whole batch (every sequence, every layer, the LM head, and for
+//!   greedy decoding the argmax) is recorded into one command encoder and submitted once,
+//!   with the read-back of the logits (or token ids) in the same submission.
+//! - Prompts go through `attention_prefill`; a step where every sequence brings one token
+//!   uses `attention_decode`. A batch mixes sequences of any lengths.
+//! - When every layer after the last producer is a consumer, those layers run only for the
+//!   positions whose logits are wanted (as the CPU decoder does); before the final norm the
+//!   rows are reduced the same way in any case.
+
+mod storage;
+mod weights;
+
+pub use storage::GpuKvStorage;
+pub use weights::GpuWeightDType;
+
+use crate::decoder::{Decoder, LogitsWanted, SequenceId, SequenceStep};
+use crate::error::{ModelError, Result};
+use crate::weights::{ModelWeights, RandomWeightsOptions};
+use cla_core::ModelConfig;
+use cla_kernels_wgpu::{DType, GpuContext, GpuError, GpuTensor, SeqBatch, SeqDesc};
+use cla_kv::{KvCacheConfig, KvLayout, KvShape, PagedKvCache};
+use ndarray::Array2;
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use weights::{GpuLayer, GpuWeights, RandomSource, WeightSource};
+
+/// Switches of [`GpuDecoder`]. The defaults are exact f32 and the consumer-tail skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuDecoderOptions {
+    /// Element type of the weight matrices on the GPU.
+    pub weight_dtype: GpuWeightDType,
+    /// Run the layers after the last producer only for the positions whose logits are
+    /// wanted (see [`crate::cpu::CpuDecoderOptions::skip_consumer_tail`]).
+    pub skip_consumer_tail: bool,
+}
+
+impl Default for GpuDecoderOptions {
+    fn default() -> Self {
+        Self {
+            weight_dtype: GpuWeightDType::F32,
+            skip_consumer_tail: true,
+        }
+    }
+}
+
+/// A GPU error as this crate's error.
+// ModelError has no GPU variant yet; `InvalidArgument` named "gpu" carries the message.
+pub(crate) fn gpu_error(e: GpuError) -> ModelError {
+    ModelError::Gpu(e)
+}
+
+/// Activation buffers, grown to the largest number of rows a step has needed; each step
+/// takes views of the exact shapes it uses.
+struct Workspace {
+    rows: usize,
+    x: GpuTensor,
+    x_kept: GpuTensor,
+    h: GpuTensor,
+    hk: GpuTensor,
+    q: GpuTensor,
+    k: GpuTensor,
+    v: GpuTensor,
+    attn: GpuTensor,
+    tmp: GpuTensor,
+    gate: GpuTensor,
+    up: GpuTensor,
+    act: GpuTensor,
+}
+
+impl Workspace {
+    fn new(ctx: &GpuContext, c: &ModelConfig, rows: usize) -> Result<Self, GpuError> {
+        let t = |width: usize, label: &str| ctx.create_tensor(&[rows, width], DType::F32, label);
+        let (hid, inter) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            rows,
+            x: t(hid, "x")?,
+            x_kept: t(hid, "x kept")?,
+            h: t(hid, "normed")?,
+            hk: t(hid, "kv normed")?,
+            q: t(c.q_width(), "q")?,
+            k: t(c.kv_width(), "k")?,
+            v: t(c.kv_width(), "v")?,
+            attn: t(c.q_width(), "attention")?,
+            tmp: t(hid, "projection")?,
+            gate: t(inter, "gate")?,
+            up: t(inter, "up")?,
+            act: t(inter, "swiglu")?,
+        })
+    }
+}
+
+/// `t`'s buffer seen with another shape (no copy; the buffer may be larger).
+fn view(t: &GpuTensor, shape: &[usize]) -> GpuTensor {
+    GpuTensor {
+        buffer: t.buffer.clone(),
+        shape: shape.to_vec(),
+        dtype: t.dtype,
+    }
+}
+
+/// What a forward pass reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Readback {
+    /// The logits of the wanted positions.
+    Logits,
+    /// The argmax of each step's last position only.
+    Greedy,
+}
+
+enum Output {
+    Logits(Vec<Array2<f32>>),
+    Ids(Vec<u32>),
+}
+
+/// The rows a layer runs on: hidden states, their positions, and the batch description
+/// (query rows per sequence, block tables, append slots).
+struct Rows<'a> {
+    x: GpuTensor,
+    n: usize,
+    pos: &'a GpuTensor,
+    batch: &'a SeqBatch,
+}
+
+/// The GPU implementation of [`Decoder`].
+pub struct GpuDecoder {
+    ctx: Arc<GpuContext>,
+    config: ModelConfig,
+    weights: GpuWeights,
+    inv_freq: GpuTensor,
+    cache: PagedKvCache<GpuKvStorage>,
+    options: GpuDecoderOptions,
+    work: Option<Workspace>,
+    /// Logits buffer of the last step, reused while the row count stays the same.
+    logits: Option<GpuTensor>,
+    /// Zeros handed to `PagedKvCache::write` to record kernel-written slots.
+    placeholder: Vec<f32>,
+}
+
+impl fmt::Debug for GpuDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GpuDecoder")
+            .field("adapter", &self.ctx.info().name)
+            .field("options", &self.options)
+            .field("weight_bytes", &self.weights.bytes)
+            .field("cache", self.cache.storage())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GpuDecoder {
+    /// Uploads `weights` to the device of `ctx`, with a KV pool sized by `cache`.
+    pub fn new(ctx: Arc<GpuContext>, weights: &ModelWeights, cache: KvCacheConfig) -> Result<Self> {
+        Self::with_options(ctx, weights, cache, GpuDecoderOptions::default())
+    }
+
+    /// [`GpuDecoder::new`] with explicit [`GpuDecoderOptions`].
+    pub fn with_options(
+        ctx: Arc<GpuContext>,
+        weights: &ModelWeights,
+        cache: KvCacheConfig,
+        options: GpuDecoderOptions,
+    ) -> Result<Self> {
+        let mut source = weights;
+        Self::build(ctx, &weights.config, &mut source, cache, options)
+    }
+
+    /// A decoder with seeded random weights generated straight into GPU buffers, one tensor
+    /// at a time (a billion-parameter model never sits in host memory whole). The scales are
+    /// those of [`ModelWeights::random_with`], the values are not: for benchmarks, not for
+    /// comparisons with a CPU decoder.
+    pub fn with_random_weights(
+        ctx: Arc<GpuContext>,
+        config: &ModelConfig,
+        random: &RandomWeightsOptions,
+        cache: KvCacheConfig,
+        options: GpuDecoderOptions,
+    ) -> Result<Self> {
+        config.validate()?;
+        let mut source = RandomSource {
+            config: config.clone(),
+            options: random.clone(),
+        };
+        Self::build(ctx, config, &mut source, cache, options)
+    }
+
+    fn build(
+        ctx: Arc<GpuContext>,
+        config: &ModelConfig,
+        source: &mut dyn WeightSource,
+        cache: KvCacheConfig,
+        options: GpuDecoderOptions,
+    ) -> Result<Self> {
+        let shape = KvShape::from_model(config)?;
+        let layout = KvLayout::new(&shape, &cache)?;
+        let storage = GpuKvStorage::new(Arc::clone(&ctx), layout).map_err(gpu_error)?;
+        let cache = PagedKvCache::with_storage(shape, cache, storage)?;
+        let weights =
+            GpuWeights::upload(&ctx, config, options.weight_dtype, source).map_err(gpu_error)?;
+        let inv_freq = ctx
+            .rope_inv_freq(config.head_dim, config.rope_theta)
+            .map_err(gpu_error)?;
+        ctx.take_errors().map_err(gpu_error)?;
+        Ok(Self {
+            ctx,
+            config: config.clone(),
+            weights,
+            inv_freq,
+            cache,
+            options,
+            work: None,
+            logits: None,
+            placeholder: Vec::new(),
+        })
+    }
+
+    /// The device.
+    pub fn context(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+
+    /// The KV cache (block tables, memory; the pool's buffers through `storage()`).
+    pub fn cache(&self) -> &PagedKvCache<GpuKvStorage> {
+        &self.cache
+    }
+
+    /// The options.
+    pub fn options(&self) -> GpuDecoderOptions {
+        self.options
+    }
+
+    /// Changes the consumer-tail switch. The weight type is fixed at construction; a
+    /// different `weight_dtype` here is refused.
+    pub fn set_options(&mut self, options: GpuDecoderOptions) -> Result<()> {
+        if options.weight_dtype != self.options.weight_dtype {
+            return Err(ModelError::invalid(
+                "weight_dtype",
+                "the weights are uploaded once; build a new decoder for another weight type",
+            ));
+        }
+        self.options = options;
+        Ok(())
+    }
+
+    /// Bytes of the weight buffers on the device.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weights.bytes
+    }
+
+    /// Runs the batch like [`Decoder::forward`] but returns, per step, the greedy next token:
+    /// the argmax (lowest id on ties) of the logits at the step's last new position, chosen
+    /// on the GPU so that only the ids are read back. `step.logits` is ignored (only the
+    /// last position is computed past the last producer).
+    pub fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
+        match self.forward_with(batch, Readback::Greedy)? {
+            Output::Ids(ids) => Ok(ids),
+            Output::Logits(_) => unreachable!("greedy read-back returns ids"),
+        }
+    }
+
+    fn check_known(&self, seq: SequenceId) -> Result<()> {
+        if self.cache.contains(seq) {
+            Ok(())
+        } else {
+            Err(ModelError::UnknownSequence(seq))
+        }
+    }
+
+    /// Checks a batch before anything is changed (the CPU decoder's rules).
+    fn validate(&self, batch: &[SequenceStep<'_>]) -> Result<()> {
+        let c = &self.config;
+        let mut seen = HashSet::new();
+        for step in batch {
+            self.check_known(step.seq)?;
+            if !seen.insert(step.seq) {
+                return Err(ModelError::DuplicateSequence(step.seq));
+            }
+            if step.tokens.is_empty() {
+                return Err(ModelError::invalid(
+                    "tokens",
+                    format!("the step of sequence {} has no tokens", step.seq),
+                ));
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::TokenOutOfRange {
+                    token: bad,
+                    vocab: c.vocab_size,
+                });
+            }
+            let needed = self.cache.seq_len(step.seq)? + step.tokens.len();
+            if needed > c.max_position_embeddings {
+                return Err(ModelError::ContextExceeded {
+                    seq: step.seq,
+                    needed,
+                    context: c.max_position_embeddings,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Validate, reserve, run, then commit (or abort on any error).
+    fn forward_with(&mut self, batch: &[SequenceStep<'_>], readback: Readback) -> Result<Output> {
+        if batch.is_empty() {
+            return Ok(match readback {
+                Readback::Logits => Output::Logits(Vec::new()),
+                Readback::Greedy => Output::Ids(Vec::new()),
+            });
+        }
+        self.validate(batch)?;
+        for (i, step) in batch.iter().enumerate() {
+            if let Err(e) = self.cache.reserve(step.seq, step.tokens.len()) {
+                for earlier in &batch[..i] {
+                    self.cache.abort(earlier.seq)?;
+                }
+                return Err(e.into());
+            }
+        }
+        let result = self
+            .run(batch, readback)
+            .and_then(|out| self.record_writes(batch).map(|()| out));
+        match result {
+            Ok(out) => {
+                for step in batch {
+                    self.cache.commit(step.seq)?;
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                for step in batch {
+                    self.cache.abort(step.seq)?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells the cache that every producer slot of every step was written (by `kv_append`),
+    /// without moving data: the storage is in record-only mode meanwhile.
+    fn record_writes(&mut self, batch: &[SequenceStep<'_>]) -> Result<()> {
+        let width = self.config.kv_width();
+        let most = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(0) * width;
+        if self.placeholder.len() < most {
+            self.placeholder.resize(most, 0.0);
+        }
+        let producers = self.config.kv_sharing.producers().to_vec();
+        let previous = self.cache.storage().set_record_only(true);
+        let mut result = Ok(());
+        'steps: for step in batch {
+            let zeros = &self.placeholder[..step.tokens.len() * width];
+            for &layer in &producers {
+                if let Err(e) = self.cache.write(step.seq, layer, zeros, zeros) {
+                    result = Err(e.into());
+                    break 'steps;
+                }
+            }
+        }
+        self.cache.storage().set_record_only(previous);
+        result
+    }
+
+    fn workspace(&mut self, rows: usize) -> Result<()> {
+        if self.work.as_ref().is_none_or(|w| w.rows < rows) {
+            // Drop the old buffers first: at large batch sizes both would not fit.
+            self.work = None;
+            self.work = Some(Workspace::new(&self.ctx, &self.config, rows).map_err(gpu_error)?);
+        }
+        Ok(())
+    }
+
+    fn logits_buffer(&mut self, rows: usize) -> Result<GpuTensor> {
+        let shape = [rows, self.config.vocab_size];
+        if let Some(t) = &self.logits
+            && t.shape == shape
+        {
+            return Ok(t.clone());
+        }
+        self.logits = None;
+        let t = self
+            .ctx
+            .create_tensor(&shape, DType::F32, "logits")
+            .map_err(gpu_error)?;
+        self.logits = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The forward pass proper; the caller has reserved the new positions in the cache.
+    fn run(&mut self, batch: &[SequenceStep<'_>], readback: Readback) -> Result<Output> {
+        let ctx = Arc::clone(&self.ctx);
+        let c = self.config.clone();
+        let g = gpu_error;
+
+        // Rows: every new token of every step, steps in batch order. Kept rows: those whose
+        // logits are wanted (a suffix of each step's tokens).
+        let mut ids = Vec::new();
+        let mut pos = Vec::new();
+        let mut kept_rows = Vec::new();
+        let mut kept_pos = Vec::new();
+        let mut kept_per_step = Vec::with_capacity(batch.len());
+        let mut starts = Vec::with_capacity(batch.len());
+        for step in batch {
+            let start = self.cache.seq_len(step.seq)?;
+            let n = step.tokens.len();
+            let keep = match (readback, step.logits) {
+                (Readback::Logits, LogitsWanted::All) => n,
+                _ => 1,
+            };
+            let first_row = ids.len();
+            ids.extend_from_slice(step.tokens);
+            pos.extend((start..start + n).map(|p| p as u32));
+            kept_rows.extend((first_row + n - keep..first_row + n).map(|r| r as u32));
+            kept_pos.extend((start + n - keep..start + n).map(|p| p as u32));
+            kept_per_step.push(keep);
+            starts.push(start);
+        }
+        let (rows, kept) = (ids.len(), kept_rows.len());
+        let reduce = kept < rows;
+
+        let layout = self.cache.storage().paged_layout();
+        let tables = batch
+            .iter()
+            .map(|s| self.cache.block_table(s.seq).map(|t| t.as_u32()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let descs = |kept: Option<&[usize]>| -> Vec<SeqDesc<'_>> {
+            batch
+                .iter()
+                .enumerate()
+                .map(|(i, s)| SeqDesc {
+                    n_query: kept.map_or(s.tokens.len(), |k| k[i]),
+                    kv_len: starts[i] + s.tokens.len(),
+                    block_table: tables[i],
+                })
+                .collect()
+        };
+        let all_batch = SeqBatch::upload(&ctx, &descs(None), &layout).map_err(g)?;
+        let kept_batch = if reduce {
+            Some(SeqBatch::upload(&ctx, &descs(Some(&kept_per_step)), &layout).map_err(g)?)
+        } else {
+            None
+        };
+        let ids_t = ctx.upload_u32(&ids, &[rows]).map_err(g)?;
+        let pos_t = ctx.upload_u32(&pos, &[rows]).map_err(g)?;
+        let kept_t = if reduce {
+            Some((
+                ctx.upload_u32(&kept_rows, &[kept]).map_err(g)?,
+                ctx.upload_u32(&kept_pos, &[kept]).map_err(g)?,
+            ))
+        } else {
+            None
+        };
+        self.workspace(rows)?;
+        let logits = self.logits_buffer(kept)?;
+        let ws = self.work.as_ref().expect("made above");
+
+        let num_layers = c.num_layers();
+        let keep_from = if self.options.skip_consumer_tail {
+            c.kv_sharing.last_producer() + 1
+        } else {
+            num_layers
+        };
+        let mut enc = ctx.encoder();
+        let x = view(&ws.x, &[rows, c.hidden_size]);
+        ctx.embedding(&mut enc, &self.weights.embed_tokens, &ids_t, &x)
+            .map_err(g)?;
+        let mut cur = Rows {
+            x,
+            n: rows,
+            pos: &pos_t,
+            batch: &all_batch,
+        };
+        let gather = |enc: &mut wgpu::CommandEncoder, cur: &Rows<'_>| -> Result<GpuTensor> {
+            let (idx, _) = kept_t.as_ref().expect("reduce");
+            let out = view(&ws.x_kept, &[kept, c.hidden_size]);
+            // The embedding gather with the hidden states as the table picks rows.
+            ctx.embedding(enc, &cur.x, idx, &out).map_err(g)?;
+            Ok(out)
+        };
+        for layer in 0..num_layers {
+            if layer == keep_from && reduce {
+                cur = Rows {
+                    x: gather(&mut enc, &cur)?,
+                    n: kept,
+                    pos: &kept_t.as_ref().expect("reduce").1,
+                    batch: kept_batch.as_ref().expect("reduce"),
+                };
+            }
+            self.record_layer(&mut enc, layer, &cur, ws).map_err(g)?;
+        }
+        if reduce && keep_from >= num_layers {
+            cur = Rows {
+                x: gather(&mut enc, &cur)?,
+                n: kept,
+                pos: &kept_t.as_ref().expect("reduce").1,
+                batch: kept_batch.as_ref().expect("reduce"),
+            };
+        }
+        debug_assert_eq!(cur.n, kept);
+        let h = view(&ws.h, &[kept, c.hidden_size]);
+        ctx.rms_norm(
+            &mut enc,
+            &cur.x,
+            &self.weights.final_norm,
+            &h,
+            c.rms_norm_eps as f32,
+        )
+        .map_err(g)?;
+        ctx.linear(&mut enc, &h, self.weights.lm_head(), &logits)
+            .map_err(g)?;
+
+        match readback {
+            Readback::Logits => {
+                let bytes = read_back(&ctx, enc, &logits.buffer, (kept * c.vocab_size * 4) as u64)
+                    .map_err(g)?;
+                let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+                let mut out = Vec::with_capacity(batch.len());
+                let mut at = 0;
+                for &k in &kept_per_step {
+                    let n = k * c.vocab_size;
+                    out.push(
+                        Array2::from_shape_vec((k, c.vocab_size), values[at..at + n].to_vec())
+                            .expect("rows x vocab values"),
+                    );
+                    at += n;
+                }
+                Ok(Output::Logits(out))
+            }
+            Readback::Greedy => {
+                // One kept row per step here.
+                let ids_out = ctx
+                    .create_tensor(&[kept], DType::U32, "greedy ids")
+                    .map_err(g)?;
+                ctx.argmax(&mut enc, &logits, &ids_out).map_err(g)?;
+                let bytes = read_back(&ctx, enc, &ids_out.buffer, (kept * 4) as u64).map_err(g)?;
+                Ok(Output::Ids(bytemuck::pod_collect_to_vec(&bytes)))
+            }
+        }
+    }
+
+    /// Records one decoder layer (see [`crate::cpu`] for the equations) for the rows `cur`.
+    fn record_layer(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        layer: usize,
+        cur: &Rows<'_>,
+        ws: &Workspace,
+    ) -> Result<(), GpuError> {
+        let ctx = &*self.ctx;
+        let c = &self.config;
+        let w: &GpuLayer = &self.weights.layers[layer];
+        let eps = c.rms_norm_eps as f32;
+        let (n, hid, d) = (cur.n, c.hidden_size, c.head_dim);
+        let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
+        let x = &cur.x;
+
+        let h = view(&ws.h, &[n, hid]);
+        ctx.rms_norm(enc, x, &w.input_norm, &h, eps)?;
+        let q = view(&ws.q, &[n, heads, d]);
+        ctx.linear(enc, &h, &w.q_proj, &view(&q, &[n, heads * d]))?;
+        ctx.rope(enc, &q, cur.pos, &self.inv_freq)?;
+
+        let pool = self.cache.storage().pool(c.kv_sharing.slot_of(layer));
+        if let Some(kv) = &w.kv {
+            // CLA producer: this layer's keys and values go into its slot of the pool.
+            let hk = match &kv.kv_norm {
+                Some(scale) => {
+                    let hk = view(&ws.hk, &[n, hid]);
+                    ctx.rms_norm(enc, x, scale, &hk, eps)?;
+                    hk
+                }
+                None => h.clone(),
+            };
+            let k = view(&ws.k, &[n, kv_heads, d]);
+            let v = view(&ws.v, &[n, kv_heads, d]);
+            ctx.linear(enc, &hk, &kv.k_proj, &view(&k, &[n, kv_heads * d]))?;
+            ctx.rope(enc, &k, cur.pos, &self.inv_freq)?;
+            ctx.linear(enc, &hk, &kv.v_proj, &view(&v, &[n, kv_heads * d]))?;
+            ctx.kv_append(enc, &k, &v, &cur.batch.slots, &pool)?;
+        }
+
+        // Attention over the producer's slot (this layer's own for a producer).
+        let a = view(&ws.attn, &[n, heads, d]);
+        if cur.batch.max_query == 1 {
+            ctx.attention_decode(enc, &q, cur.batch, &pool, &a)?;
+        } else {
+            ctx.attention_prefill(enc, &q, cur.batch, &pool, &a)?;
+        }
+        let o = view(&ws.tmp, &[n, hid]);
+        ctx.linear(enc, &view(&a, &[n, heads * d]), &w.o_proj, &o)?;
+        ctx.add_assign(enc, x, &o)?;
+
+        let gn = view(&ws.h, &[n, hid]);
+        ctx.rms_norm(enc, x, &w.post_attention_norm, &gn, eps)?;
+        let inter = c.intermediate_size;
+        let (gate, up, act) = (
+            view(&ws.gate, &[n, inter]),
+            view(&ws.up, &[n, inter]),
+            view(&ws.act, &[n, inter]),
+        );
+        ctx.linear(enc, &gn, &w.gate_proj, &gate)?;
+        ctx.linear(enc, &gn, &w.up_proj, &up)?;
+        ctx.swiglu(enc, &gate, &up, &act)?;
+        let down = view(&ws.tmp, &[n, hid]);
+        ctx.linear(enc, &act, &w.down_proj, &down)?;
+        ctx.add_assign(enc, x, &down)?;
+        Ok(())
+    }
+}
+
+/// Appends a copy of the first `bytes` of `src` to a mappable buffer to `enc`, submits it (the
+/// one submission of a step), waits, and returns the bytes.
+fn read_back(
+    ctx: &GpuContext,
+    mut enc: wgpu::CommandEncoder,
+    src: &wgpu::Buffer,
+    bytes: u64,
+) -> Result<Vec<u8>, GpuError> {
+    let size = bytes.max(4).div_ceil(4) * 4;
+    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("cla step read-back"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
+    let index = ctx.queue().submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device()
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+        .map_err(|e| GpuError::Device(e.to_string()))?;
+    ctx.take_errors()?;
+    rx.recv()
+        .map_err(|e| GpuError::Readback(e.to_string()))?
+        .map_err(|e| GpuError::Readback(e.to_string()))?;
+    let data = staging
+        .get_mapped_range(..)
+        .map_err(|e| GpuError::Readback(e.to_string()))?
+        .to_vec();
+    staging.unmap();
+    Ok(data[..bytes as usize].to_vec())
+}
+
+impl Decoder for GpuDecoder {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
+        GpuDecoder::forward_greedy(self, batch)
+    }
+
+    fn add_sequence(&mut self) -> SequenceId {
+        self.cache.add_sequence()
+    }
+
+    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
+        self.check_known(seq)?;
+        Ok(self.cache.free(seq)?)
+    }
+
+    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
+        self.check_known(seq)?;
+        Ok(self.cache.fork(seq)?)
+    }
+
+    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
+        self.check_known(seq)?;
+        Ok(self.cache.truncate(seq, n)?)
+    }
+
+    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
+        self.check_known(seq)?;
+        Ok(self.cache.seq_len(seq)?)
+    }
+
+    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
+        self.check_known(seq)?;
+        Ok(self.cache.sequence_reserved_bytes(seq)?)
+    }
+
+    fn kv_bytes_in_use(&self) -> u64 {
+        self.cache.memory().reserved_bytes
+    }
+
+    fn free_kv_tokens(&self) -> usize {
+        self.cache.free_tokens()
+    }
+
+    fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
+        match self.forward_with(batch, Readback::Logits)? {
+            Output::Logits(l) => Ok(l),
+            Output::Ids(_) => unreachable!("logits read-back returns logits"),
+        }
+    }
+}

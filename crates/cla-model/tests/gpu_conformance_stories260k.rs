@@ -1,0 +1,185 @@
+//! Conformance of the GPU decoder against a real pretrained Llama model with golden
+//! outputs: stories260K (llama2.c, converted to Hugging Face format), the reference the CPU
+//! decoder is checked against in `conformance_stories260k.rs`.
+//!
+//! They read the shared reference directory named by `CLA_SHARED_DIR` (set by
+//! `cargo xtask conformance`) and fail, rather than pass silently, when it is missing.
+
+use cla_kernels_wgpu::{DeviceSelector, GpuContext};
+use cla_kv::KvDType;
+use cla_model::{
+    Decoder, GenerationConfig, GpuDecoder, LoadedModel, SamplingConfig, SequenceStep, StopReason,
+    cache_config_for, generate,
+};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+fn model_dir() -> PathBuf {
+    let shared = std::env::var_os("CLA_SHARED_DIR").unwrap_or_else(|| {
+        panic!(
+            "CLA_SHARED_DIR is not set: run these tests with `cargo xtask conformance`, or set \
+             CLA_SHARED_DIR to the directory holding models/stories260K"
+        )
+    });
+    let dir = PathBuf::from(shared).join("models").join("stories260K");
+    assert!(
+        dir.join("golden").join("golden.json").is_file(),
+        "{} has no golden/golden.json: CLA_SHARED_DIR must name the shared reference \
+         directory (with models/stories260K)",
+        dir.display()
+    );
+    dir
+}
+
+fn golden() -> Value {
+    let path = model_dir().join("golden").join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn load() -> (LoadedModel, GpuDecoder) {
+    let model = LoadedModel::load(model_dir()).unwrap();
+    let context = model.weights.config.max_position_embeddings;
+    let sel = DeviceSelector::from_env()
+        .expect("CLA_DEVICE / CLA_GPU_DISABLE")
+        .allow_cpu(true);
+    let ctx = Arc::new(GpuContext::new(&sel).expect("a wgpu adapter"));
+    let decoder = GpuDecoder::new(
+        ctx,
+        &model.weights,
+        cache_config_for(context, 4, KvDType::F32),
+    )
+    .unwrap();
+    (model, decoder)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The golden logits `[16, 512]` and the ids they were computed from.
+fn golden_logits() -> (Vec<u32>, Vec<f32>) {
+    let g = golden();
+    let input = ids(&g["logits_bos16"]["input_ids"]);
+    let bytes = std::fs::read(model_dir().join("golden").join("logits_bos16.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.shape(), &[16, 512]);
+    let values = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    (input, values)
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn gpu_conformance_stories260k_golden_logits() {
+    let (_, mut decoder) = load();
+    let (input, want) = golden_logits();
+    let seq = decoder.add_sequence();
+    let all = decoder.forward(&[SequenceStep::all(seq, &input)]).unwrap();
+    let diff = max_abs_diff(all[0].as_slice().unwrap(), &want);
+    assert!(diff < 1e-4, "prefill logits differ from golden by {diff}");
+
+    let seq = decoder.add_sequence();
+    for (p, &t) in input.iter().enumerate() {
+        let out = decoder.forward(&[SequenceStep::last(seq, &[t])]).unwrap();
+        let diff = max_abs_diff(out[0].as_slice().unwrap(), &want[p * 512..(p + 1) * 512]);
+        assert!(
+            diff < 1e-4,
+            "decode position {p} differs from golden by {diff}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs the shared reference models: cargo xtask conformance"]
+fn gpu_conformance_stories260k_greedy_continuations() {
+    let (model, mut decoder) = load();
+    let g = golden();
+    let prompts: Vec<&Value> = g["prompts"].as_array().unwrap().iter().collect();
+    let texts: Vec<&str> = prompts
+        .iter()
+        .map(|p| p["prompt"].as_str().unwrap())
+        .collect();
+    let config = GenerationConfig {
+        max_new_tokens: 64,
+        sampling: SamplingConfig::greedy(),
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    // All prompts in one batch.
+    let out = generate(&mut decoder, &model.tokenizer, &texts, &config, &mut |_| {}).unwrap();
+    for (i, (p, generation)) in prompts.iter().zip(&out).enumerate() {
+        let new_ids = ids(&p["new_ids"]);
+        let robust = p["robust_prefix_len"].as_u64().unwrap() as usize;
+        assert_eq!(generation.prompt_ids, ids(&p["prompt_ids"]));
+        assert_eq!(generation.stop_reason, StopReason::MaxNewTokens);
+        assert_eq!(
+            generation.ids[..robust],
+            new_ids[..robust],
+            "prompt {i}: free-running ids differ within the robust prefix"
+        );
+        if robust == new_ids.len() {
+            assert_eq!(generation.text, p["completion_text"].as_str().unwrap());
+        }
+
+        // The same prompts through GPU-side greedy choice, one batched step per token.
+        let seq = decoder.add_sequence();
+        let mut feed = ids(&p["prompt_ids"]);
+        let mut got = Vec::new();
+        for _ in 0..robust {
+            let id = decoder
+                .forward_greedy(&[SequenceStep::last(seq, &feed)])
+                .unwrap()[0];
+            got.push(id);
+            feed = vec![id];
+        }
+        decoder.free_sequence(seq).unwrap();
+        assert_eq!(got, new_ids[..robust], "prompt {i}: forward_greedy");
+
+        // Teacher forcing on full_ids: the argmax at each step must be the golden token.
+        let full = ids(&p["full_ids"]);
+        let seq = decoder.add_sequence();
+        let logits = decoder
+            .forward(&[SequenceStep::all(seq, &full[..full.len() - 1])])
+            .unwrap()
+            .remove(0);
+        decoder.free_sequence(seq).unwrap();
+        let start = ids(&p["prompt_ids"]).len() - 1;
+        for (k, &want) in new_ids.iter().enumerate() {
+            let row = logits.row(start + k);
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (j, &v)| if v > b.1 { (j, v) } else { b },
+                )
+                .0 as u32;
+            assert_eq!(argmax, want, "prompt {i}: teacher-forced step {k}");
+        }
+        for (k, top5) in p["top5_first8"].as_array().unwrap().iter().enumerate() {
+            let row = logits.row(start + k);
+            for pair in top5.as_array().unwrap() {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let want = pair[1].as_f64().unwrap() as f32;
+                assert!((row[id] - want).abs() < 1e-4, "prompt {i} step {k} id {id}");
+            }
+        }
+    }
+}
