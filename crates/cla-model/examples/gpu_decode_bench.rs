@@ -308,7 +308,7 @@ fn main() {
                 "H128-MQA-CLA2 (random weights)",
                 preset.config,
                 preset.param_options.kv_input_layernorm,
-                shapes(512, 128, 16, &[1, 32]),
+                shapes(512, 64, 8, &[1, 32]),
             )
         };
         let params = ParamCount::of(
