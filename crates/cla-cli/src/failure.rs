@@ -5,6 +5,7 @@
 //! | 0 | success |
 //! | 1 | user error: a bad flag, file or config; the message says what to fix |
 //! | 2 | internal failure: a bug in cla, or the output could not be written |
+//! | 130 | interrupted by Ctrl-C (what was produced so far has been written) |
 //!
 //! Bad input never panics; a panic (a bug) is reported as an internal failure, without a
 //! backtrace.
@@ -18,6 +19,8 @@ use std::process::ExitCode;
 pub const EXIT_USER: u8 = 1;
 /// Exit code of an internal failure.
 pub const EXIT_INTERNAL: u8 = 2;
+/// Exit code after Ctrl-C (128 + SIGINT, as shells report it).
+pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// Why a command failed.
 #[derive(Debug)]
@@ -26,6 +29,8 @@ pub enum CliError {
     User(String),
     /// cla itself failed.
     Internal(String),
+    /// The user pressed Ctrl-C; the output so far has been written.
+    Interrupted,
 }
 
 impl CliError {
@@ -39,6 +44,7 @@ impl CliError {
         match self {
             CliError::User(_) => EXIT_USER,
             CliError::Internal(_) => EXIT_INTERNAL,
+            CliError::Interrupted => EXIT_INTERRUPTED,
         }
     }
 }
@@ -48,6 +54,7 @@ impl fmt::Display for CliError {
         match self {
             CliError::User(m) => f.write_str(m),
             CliError::Internal(m) => write!(f, "internal failure: {m}"),
+            CliError::Interrupted => f.write_str("interrupted by Ctrl-C"),
         }
     }
 }
@@ -58,11 +65,30 @@ impl From<ConfigError> for CliError {
     }
 }
 
+impl From<cla_model::ModelError> for CliError {
+    /// Bad files, settings and prompts are the user's to fix; a sequence or cache
+    /// bookkeeping failure is a bug in cla.
+    fn from(e: cla_model::ModelError) -> Self {
+        use cla_model::ModelError as M;
+        match e {
+            M::UnknownSequence(_)
+            | M::DuplicateSequence(_)
+            | M::ContextExceeded { .. }
+            | M::Cache(_) => CliError::Internal(e.to_string()),
+            other => CliError::User(other.to_string()),
+        }
+    }
+}
+
 /// Result of a command.
 pub type CliResult<T = ()> = Result<T, CliError>;
 
 /// Prints `error: ...` on one line of stderr and returns the exit code.
 pub fn report(error: &CliError) -> ExitCode {
+    if let CliError::Interrupted = error {
+        let _ = writeln!(std::io::stderr(), "interrupted");
+        return ExitCode::from(error.code());
+    }
     let line = error.to_string().replace('\n', " ");
     let _ = writeln!(std::io::stderr(), "error: {line}");
     ExitCode::from(error.code())

@@ -1,11 +1,14 @@
 //! `cla`: the command-line front end of the cla engine.
 //!
-//! This file only parses the command line, runs the chosen command and turns its outcome
-//! into an exit code (see [`failure`]); each command lives in `commands/<name>.rs`.
+//! This file only parses the command line, sets up logging, runs the chosen command and
+//! turns its outcome into an exit code (see [`failure`]); each command lives in
+//! `commands/<name>.rs`.
 
 mod commands;
 mod failure;
+mod interrupt;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -14,5 +17,47 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    init_logging(cli.verbose);
     failure::exit_code(std::panic::catch_unwind(|| commands::run(cli)))
+}
+
+/// `-v`: cla's own messages (info); `-vv`: debug, and other crates' info; `-vvv`: trace
+/// everything. `RUST_LOG` overrides all of it.
+fn init_logging(verbose: u8) {
+    use log::LevelFilter;
+    let (ours, others) = match verbose {
+        0 => (LevelFilter::Warn, LevelFilter::Warn),
+        1 => (LevelFilter::Info, LevelFilter::Warn),
+        2 => (LevelFilter::Debug, LevelFilter::Info),
+        _ => (LevelFilter::Trace, LevelFilter::Trace),
+    };
+    // wgpu's backends log probing failures (a GL adapter without a display, ...) as errors;
+    // they are noise unless asked for.
+    let backends = if verbose == 0 {
+        LevelFilter::Off
+    } else {
+        others
+    };
+    let mut builder = env_logger::Builder::new();
+    builder
+        .filter_level(others)
+        .filter_module("wgpu_hal", backends)
+        .filter_module("wgpu_core", backends)
+        .filter_module("cla", ours)
+        .filter_module("cla_model", ours)
+        .filter_module("cla_kv", ours)
+        .filter_module("cla_kernels_wgpu", ours)
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "[{} {}] {}",
+                record.level().as_str().to_ascii_lowercase(),
+                record.target(),
+                record.args()
+            )
+        });
+    if let Ok(spec) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&spec);
+    }
+    let _ = builder.try_init();
 }

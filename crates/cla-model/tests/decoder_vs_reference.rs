@@ -219,7 +219,10 @@ proptest! {
         for (i, (a, b)) in alone.iter().enumerate() {
             let d1 = max_abs_diff(first[i].as_slice().unwrap(), a.as_slice().unwrap());
             let d2 = max_abs_diff(second[i].as_slice().unwrap(), b.as_slice().unwrap());
-            prop_assert!(d1 < 1e-5 && d2 < 1e-5, "sequence {}: {} {}", i, d1, d2);
+            // Batching changes the row count of every matrix product, and with it the
+            // blocking (summation order) of the matmul: agreement is to f32 rounding, the
+            // same 1e-4 bound the decoder is held to against the naive reference.
+            prop_assert!(d1 < 1e-4 && d2 < 1e-4, "sequence {}: {} {}", i, d1, d2);
         }
     }
 }

@@ -517,13 +517,21 @@ fn render_model(args: &KvArgs, model: &Model, r: &ModelReport) -> String {
         }
     }
     let _ = writeln!(s, "  layers (who reads whose K/V)");
-    let width = format!("L{}", r.num_layers.saturating_sub(1)).len();
-    for layer in 0..c.num_layers() {
+    s.push_str(&draw_layer_map(&c.kv_sharing, "    "));
+    s
+}
+
+/// The layer map as text, one line per layer, each starting with `indent`: a producer
+/// names its cache slot and the layers that read it, a consumer points at its producer
+/// (`L1  -> L0`).
+pub fn draw_layer_map(sharing: &KvSharing, indent: &str) -> String {
+    let mut s = String::new();
+    let width = format!("L{}", sharing.num_layers().saturating_sub(1)).len();
+    for layer in 0..sharing.num_layers() {
         let name = format!("L{layer}");
-        let line = match c.kv_sharing.slot_of_producer(layer) {
+        let line = match sharing.slot_of_producer(layer) {
             Some(slot) => {
-                let readers: Vec<String> = c
-                    .kv_sharing
+                let readers: Vec<String> = sharing
                     .consumers_of(layer)
                     .map(|l| format!("L{l}"))
                     .collect();
@@ -536,9 +544,9 @@ fn render_model(args: &KvArgs, model: &Model, r: &ModelReport) -> String {
                     )
                 }
             }
-            None => format!("-> L{}", c.kv_sharing.producer_of(layer)),
+            None => format!("-> L{}", sharing.producer_of(layer)),
         };
-        let _ = writeln!(s, "    {name:<width$}  {line}");
+        let _ = writeln!(s, "{indent}{name:<width$}  {line}");
     }
     s
 }

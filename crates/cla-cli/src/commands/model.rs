@@ -1,0 +1,251 @@
+//! What the commands that run a model share: finding the model directory, choosing the
+//! device, building a decoder, and the KV-cache element type.
+
+use crate::failure::{CliError, CliResult};
+use cla_kernels_wgpu::{DeviceSelector, GpuContext};
+use cla_kv::{KvCacheConfig, KvDType};
+use cla_model::{CpuDecoder, Decoder, GpuDecoder, LoadedModel, ModelWeights};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Environment variable naming the default model directory.
+pub const MODEL_ENV: &str = "CLA_MODEL";
+
+/// The model shipped in the repository, relative to its root.
+pub const SHIPPED_MODEL: &str = "models/small-mqa-cla2";
+
+/// The model directory to use: `--model` if given; else `$CLA_MODEL`; else the shipped
+/// model relative to the current directory; else relative to the repository this binary
+/// was built from.
+pub fn resolve_model_dir(given: Option<&Path>) -> CliResult<PathBuf> {
+    if let Some(dir) = given {
+        return check_model_dir(dir, "--model");
+    }
+    if let Some(dir) = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()) {
+        return check_model_dir(Path::new(&dir), MODEL_ENV);
+    }
+    let here = PathBuf::from(SHIPPED_MODEL);
+    if here.is_dir() {
+        return Ok(here);
+    }
+    let built_from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(SHIPPED_MODEL);
+    if built_from.is_dir() {
+        return Ok(built_from);
+    }
+    Err(CliError::user(format!(
+        "no model given and the default model ({SHIPPED_MODEL}) was not found; pass \
+         --model DIR (a directory with config.json, model.safetensors and tokenizer.json) \
+         or set {MODEL_ENV}"
+    )))
+}
+
+fn check_model_dir(dir: &Path, from: &str) -> CliResult<PathBuf> {
+    if dir.is_dir() {
+        Ok(dir.to_path_buf())
+    } else if dir.exists() {
+        Err(CliError::user(format!(
+            "{from} {}: not a directory; pass the model directory (with config.json, \
+             model.safetensors and tokenizer.json)",
+            dir.display()
+        )))
+    } else {
+        Err(CliError::user(format!(
+            "{from} {}: no such directory; pass a model directory (with config.json, \
+             model.safetensors and tokenizer.json), e.g. --model {SHIPPED_MODEL}",
+            dir.display()
+        )))
+    }
+}
+
+/// Loads a model directory (config, weights, tokenizer), naming the directory in errors.
+pub fn load_model(dir: &Path) -> CliResult<LoadedModel> {
+    let started = std::time::Instant::now();
+    let model = LoadedModel::load(dir).map_err(|e| in_model(dir, e))?;
+    log::info!(
+        "loaded {} ({} parameters) in {:.2}s",
+        dir.display(),
+        model.weights.num_parameters(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
+}
+
+/// Loads only the config and weights of a model directory (no tokenizer needed).
+pub fn load_weights(dir: &Path) -> CliResult<ModelWeights> {
+    ModelWeights::load(dir).map_err(|e| in_model(dir, e))
+}
+
+/// A model error, prefixed with the model directory when the message does not name a path.
+pub fn in_model(dir: &Path, e: cla_model::ModelError) -> CliError {
+    use cla_model::ModelError as M;
+    let names_path = matches!(
+        e,
+        M::MissingFile { .. } | M::Io { .. } | M::Safetensors { .. }
+    );
+    match CliError::from(e) {
+        CliError::User(m) if !names_path => CliError::User(format!("model {}: {m}", dir.display())),
+        other => other,
+    }
+}
+
+/// Where a model runs (`--device`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    /// The default backend: the CPU reference decoder (a GPU only when asked for).
+    #[default]
+    Auto,
+    /// The CPU reference decoder.
+    Cpu,
+    /// A GPU through wgpu; the text selects the adapter as `CLA_DEVICE` does (an index, a
+    /// backend, `cpu` for a software driver, or a name substring; `cla devices` lists them).
+    Gpu(Option<String>),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let lower = t.to_ascii_lowercase();
+        match lower.as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "gpu" => Ok(DeviceChoice::Gpu(None)),
+            _ => match lower.strip_prefix("gpu:") {
+                Some(name) if !name.trim().is_empty() => {
+                    Ok(DeviceChoice::Gpu(Some(t[4..].trim().to_string())))
+                }
+                Some(_) => Err("`gpu:` needs an adapter name or index, e.g. gpu:0".into()),
+                None => Err(format!(
+                    "unknown device `{t}`: use auto, cpu, gpu or gpu:NAME (`cla devices` lists \
+                     the GPU adapters)"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Gpu(None) => f.write_str("gpu"),
+            DeviceChoice::Gpu(Some(name)) => write!(f, "gpu:{name}"),
+        }
+    }
+}
+
+/// A decoder on the chosen device, and a short description of where it runs.
+pub struct ChosenDecoder {
+    /// The decoder.
+    pub decoder: Box<dyn Decoder>,
+    /// Where it runs, for summaries and JSON (`"cpu"`).
+    pub device: String,
+}
+
+/// Builds a decoder for `weights` on `device` with a KV cache of `cache`.
+///
+/// `auto` is the CPU decoder, the reference; `gpu[:NAME]` opens a wgpu adapter (chosen as
+/// `CLA_DEVICE` would choose it; `CLA_GPU_DISABLE` applies) and uploads the weights.
+pub fn make_decoder(
+    device: &DeviceChoice,
+    weights: Arc<ModelWeights>,
+    cache: KvCacheConfig,
+) -> CliResult<ChosenDecoder> {
+    match device {
+        DeviceChoice::Auto | DeviceChoice::Cpu => {
+            let decoder = CpuDecoder::new(weights, cache)?;
+            log::info!(
+                "device: cpu ({} threads), KV cache {} blocks of {} tokens ({})",
+                cpu_threads(),
+                cache.num_blocks,
+                cache.block_size,
+                cache.dtype
+            );
+            Ok(ChosenDecoder {
+                decoder: Box::new(decoder),
+                device: "cpu".into(),
+            })
+        }
+        DeviceChoice::Gpu(name) => {
+            let unavailable = |why: String| {
+                CliError::user(format!(
+                    "--device {device}: {}; use --device cpu (or --device gpu:cpu for a \
+                     software Vulkan driver); `cla devices` lists the adapters",
+                    why.trim_end().trim_end_matches('.')
+                ))
+            };
+            let mut selector =
+                DeviceSelector::from_env().map_err(|e| unavailable(e.to_string()))?;
+            if let Some(name) = name {
+                selector.filter = DeviceSelector::parse(name)
+                    .map_err(|e| unavailable(e.to_string()))?
+                    .filter;
+            }
+            let started = std::time::Instant::now();
+            let ctx = GpuContext::new(&selector).map_err(|e| unavailable(e.to_string()))?;
+            let info = ctx.info();
+            let description = format!("gpu: {} ({:?})", info.name, info.backend);
+            let decoder = GpuDecoder::new(Arc::new(ctx), &weights, cache)?;
+            log::info!(
+                "device: {description}, weights uploaded in {:.2}s, KV cache {} blocks of {} \
+                 tokens ({})",
+                started.elapsed().as_secs_f64(),
+                cache.num_blocks,
+                cache.block_size,
+                cache.dtype
+            );
+            Ok(ChosenDecoder {
+                decoder: Box::new(decoder),
+                device: description,
+            })
+        }
+    }
+}
+
+fn cpu_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Parses `--kv-dtype`.
+pub fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(KvDType::F32),
+        "f16" | "float16" | "half" => Ok(KvDType::F16),
+        other => Err(format!("the KV cache stores f32 or f16, not `{other}`")),
+    }
+}
+
+/// A comma-separated list of positive integers on the command line (`1,4,16`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberList(pub Vec<usize>);
+
+/// Parses a comma-separated list of positive integers (`1,4,16`).
+pub fn parse_list(s: &str) -> Result<NumberList, String> {
+    let mut out = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(format!("`{s}` has an empty item; write e.g. 1,4,16"));
+        }
+        let n: usize = part
+            .parse()
+            .map_err(|_| format!("`{part}` is not a positive whole number; write e.g. 1,4,16"))?;
+        if n == 0 {
+            return Err("values must be at least 1".into());
+        }
+        out.push(n);
+    }
+    Ok(NumberList(out))
+}
+
+/// Whether stderr is a terminal (progress bars and colours only then).
+pub fn stderr_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
