@@ -75,6 +75,14 @@ impl From<cla_model::ModelError> for CliError {
             | M::DuplicateSequence(_)
             | M::ContextExceeded { .. }
             | M::Cache(_) => CliError::Internal(e.to_string()),
+            // No adapter, an unmatched --device or a feature the adapter lacks: the user
+            // picks another device. A failing device or shader is a bug (or a driver's).
+            M::Gpu(ref g) => match g {
+                cla_kernels_wgpu::GpuError::NoAdapter { .. }
+                | cla_kernels_wgpu::GpuError::InvalidSelector(_)
+                | cla_kernels_wgpu::GpuError::NotAvailable(_) => CliError::User(e.to_string()),
+                _ => CliError::Internal(e.to_string()),
+            },
             other => CliError::User(other.to_string()),
         }
     }
