@@ -201,14 +201,7 @@ impl GpuContext {
         self.check_binding("linear weight", w.byte_len() as u64)?;
         let half_bytes = (s.m * s.k * 2) as u64;
         self.check_binding("matmul_coopmat f16 activations", half_bytes)?;
-        let gx = u32_of("matmul_coopmat grid x", s.n.div_ceil(COOP_BM))?;
-        let gy = u32_of("matmul_coopmat grid y", s.m.div_ceil(COOP_BM))?;
-        let max = self.features().max_workgroups_per_dim;
-        if gx > max || gy > max {
-            return Err(crate::GpuError::NotAvailable(format!(
-                "matmul_coopmat grid {gx}x{gy} exceeds {max} workgroups per dimension"
-            )));
-        }
+        let (gx, gy) = self.output_tile_grid("matmul_coopmat", &s, COOP_BM)?;
         let staging = self.coop_staging(half_bytes)?;
 
         // 1. Activations to f16 (two per word).
@@ -339,15 +332,7 @@ impl GpuContext {
             },
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
-        let bm = 16 * tm as usize;
-        let gx = u32_of("matmul grid x", s.n.div_ceil(bm))?;
-        let gy = u32_of("matmul grid y", s.m.div_ceil(bm))?;
-        let max = self.features().max_workgroups_per_dim;
-        if gx > max || gy > max {
-            return Err(crate::GpuError::NotAvailable(format!(
-                "matmul grid {gx}x{gy} exceeds {max} workgroups per dimension"
-            )));
-        }
+        let (gx, gy) = self.output_tile_grid("matmul", &s, 16 * tm as usize)?;
         self.dispatch(
             encoder,
             &kernel,
@@ -355,6 +340,20 @@ impl GpuContext {
             (gx, gy, 1),
         );
         Ok(())
+    }
+
+    /// Workgroups over the `m x n` output for square output tiles of `block`, checked
+    /// against the adapter's per-dimension limit.
+    fn output_tile_grid(&self, kernel: &str, s: &LinearShape, block: usize) -> Result<(u32, u32)> {
+        let gx = u32_of(&format!("{kernel} grid x"), s.n.div_ceil(block))?;
+        let gy = u32_of(&format!("{kernel} grid y"), s.m.div_ceil(block))?;
+        let max = self.features().max_workgroups_per_dim;
+        if gx > max || gy > max {
+            return Err(crate::GpuError::NotAvailable(format!(
+                "{kernel} grid {gx}x{gy} exceeds {max} workgroups per dimension"
+            )));
+        }
+        Ok((gx, gy))
     }
 
     fn matmul_reg(
@@ -381,14 +380,7 @@ impl GpuContext {
             },
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
-        let gx = u32_of("matmul grid x", s.n.div_ceil(REG_BM))?;
-        let gy = u32_of("matmul grid y", s.m.div_ceil(REG_BM))?;
-        let max = self.features().max_workgroups_per_dim;
-        if gx > max || gy > max {
-            return Err(crate::GpuError::NotAvailable(format!(
-                "matmul grid {gx}x{gy} exceeds {max} workgroups per dimension"
-            )));
-        }
+        let (gx, gy) = self.output_tile_grid("matmul", s, REG_BM)?;
         self.dispatch(
             encoder,
             &kernel,
