@@ -448,21 +448,7 @@ impl GpuContext {
         let c = self.check_attention(q, batch, pool, out)?;
         let p = plan(c.hd, c.group, false, self.features().max_workgroup_storage)?;
         let kernel = self.attention_kernel(false, &c, p)?;
-        let l = pool.layout;
-        let (kb, k_off) = self.window(
-            "attention k pool",
-            &pool.k.buffer,
-            pool.k_base,
-            l.extent(),
-            c.sk.elem_bytes(),
-        )?;
-        let (vb, v_off) = self.window(
-            "attention v pool",
-            &pool.v.buffer,
-            pool.v_base,
-            l.extent(),
-            c.sv.elem_bytes(),
-        )?;
+        let ((kb, k_off), (vb, v_off)) = self.kv_windows("attention", pool, c.sk, c.sv)?;
         let params = self.attention_params(&c, pool, k_off, v_off, 0, 1, 1)?;
         let tiles = u32_of("query tiles", batch.max_query.div_ceil(p.r as usize))?;
         ensure_arg!(
@@ -568,20 +554,7 @@ impl GpuContext {
         let (part_b, _) = self.window("decode partials", &scratch, 0, part_elems, 4)?;
         let (ml_b, _) = self.window("decode partial stats", &scratch, ml_first, ml_elems, 4)?;
 
-        let (kb, k_off) = self.window(
-            "attention k pool",
-            &pool.k.buffer,
-            pool.k_base,
-            l.extent(),
-            c.sk.elem_bytes(),
-        )?;
-        let (vb, v_off) = self.window(
-            "attention v pool",
-            &pool.v.buffer,
-            pool.v_base,
-            l.extent(),
-            c.sv.elem_bytes(),
-        )?;
+        let ((kb, k_off), (vb, v_off)) = self.kv_windows("attention", pool, c.sk, c.sv)?;
         // Widest load every row start allows (all offsets are multiples of CH elements).
         let ch = [8u32, 4, 2, 1]
             .into_iter()

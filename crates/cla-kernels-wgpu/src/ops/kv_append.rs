@@ -34,20 +34,7 @@ impl GpuContext {
         expect(v_new, "kv_append v_new", DType::F32, n_tokens * row)?;
         let sk = self.elem_storage(pool.k.dtype)?;
         let sv = self.elem_storage(pool.v.dtype)?;
-        let (kb, k_off) = self.window(
-            "kv_append k pool",
-            &pool.k.buffer,
-            pool.k_base,
-            l.extent(),
-            sk.elem_bytes(),
-        )?;
-        let (vb, v_off) = self.window(
-            "kv_append v pool",
-            &pool.v.buffer,
-            pool.v_base,
-            l.extent(),
-            sv.elem_bytes(),
-        )?;
+        let ((kb, k_off), (vb, v_off)) = self.kv_windows("kv_append", pool, sk, sv)?;
         if sk == ElemStorage::F16Packed || sv == ElemStorage::F16Packed {
             // Packed f16 is written a u32 word (two dims) at a time.
             ensure_arg!(

@@ -12,8 +12,44 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod sampling;
 
+use crate::context::GpuContext;
 use crate::error::{Result, ensure_arg};
+use crate::paged::KvPool;
+use crate::pipeline::ElemStorage;
 use crate::tensor::{DType, GpuTensor};
+
+/// A storage binding over part of a buffer, and the element offset of the wanted data
+/// inside it.
+pub(crate) type Window<'a> = (wgpu::BindingResource<'a>, u64);
+
+impl GpuContext {
+    /// Bindings over this layer's K and V regions of `pool` (stored as `sk` / `sv`), so a
+    /// pool larger than the binding limit can be read one region at a time.
+    pub(crate) fn kv_windows<'a>(
+        &self,
+        what: &str,
+        pool: &KvPool<'a>,
+        sk: ElemStorage,
+        sv: ElemStorage,
+    ) -> Result<(Window<'a>, Window<'a>)> {
+        let extent = pool.layout.extent();
+        let k = self.window(
+            &format!("{what} k pool"),
+            &pool.k.buffer,
+            pool.k_base,
+            extent,
+            sk.elem_bytes(),
+        )?;
+        let v = self.window(
+            &format!("{what} v pool"),
+            &pool.v.buffer,
+            pool.v_base,
+            extent,
+            sv.elem_bytes(),
+        )?;
+        Ok((k, v))
+    }
+}
 
 /// Checks a tensor's dtype and element count.
 pub(crate) fn expect(t: &GpuTensor, what: &str, dtype: DType, numel: usize) -> Result<()> {
