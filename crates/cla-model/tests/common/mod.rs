@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod naive;
+pub mod stories260k;
 
 use cla_core::{KvSharing, ModelConfig};
 use std::path::{Path, PathBuf};
