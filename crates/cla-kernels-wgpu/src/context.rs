@@ -8,7 +8,7 @@
 //! slowdown. The backend of the opened adapter is checked, because wgpu itself falls back to
 //! GL when no Vulkan driver is present.
 //!
-//! Fast paths can be switched off with `CLA_GPU_DISABLE=f16,subgroup,coopmat,timestamp` (or
+//! Fast paths can be switched off with `CLA_GPU_DISABLE=f16,subgroup,coopmat,timestamp,unchecked` (or
 //! [`DeviceSelector::disable`]) so that the portable fallbacks can be tested on any adapter.
 
 use std::fmt;
@@ -53,6 +53,10 @@ pub struct FastPaths {
     pub coopmat: bool,
     /// GPU timestamp queries for benchmarks. Fallback: wall-clock timing.
     pub timestamp: bool,
+    /// Shaders built without the per-access bounds checks that wgpu otherwise inserts
+    /// (every kernel's host wrapper checks shapes and binding sizes before it dispatches).
+    /// Fallback: bounds-checked shaders.
+    pub unchecked: bool,
 }
 
 impl Default for FastPaths {
@@ -68,9 +72,10 @@ impl FastPaths {
         subgroup: true,
         coopmat: true,
         timestamp: true,
+        unchecked: true,
     };
 
-    /// Parses a `CLA_GPU_DISABLE` list (`f16,subgroup,coopmat,timestamp`, or `all`) and
+    /// Parses a `CLA_GPU_DISABLE` list (`f16,subgroup,coopmat,timestamp,unchecked`, or `all`) and
     /// returns the fast paths left on.
     pub fn parse_disable(list: &str) -> Result<Self> {
         let mut paths = Self::ALL;
@@ -80,17 +85,19 @@ impl FastPaths {
                 "subgroup" | "subgroups" => paths.subgroup = false,
                 "coopmat" | "cooperative_matrix" => paths.coopmat = false,
                 "timestamp" | "timestamps" => paths.timestamp = false,
+                "unchecked" => paths.unchecked = false,
                 "all" => {
                     paths = Self {
                         f16: false,
                         subgroup: false,
                         coopmat: false,
                         timestamp: false,
+                        unchecked: false,
                     }
                 }
                 other => {
                     return Err(GpuError::InvalidArgument(format!(
-                        "{DISABLE_ENV}: unknown fast path `{other}` (known: f16, subgroup, coopmat, timestamp, all)"
+                        "{DISABLE_ENV}: unknown fast path `{other}` (known: f16, subgroup, coopmat, timestamp, unchecked, all)"
                     )));
                 }
             }
@@ -253,6 +260,8 @@ pub struct GpuFeatures {
     pub timestamp_query: bool,
     /// Timestamps inside compute passes are on.
     pub timestamp_inside_passes: bool,
+    /// Shaders are built without wgpu's runtime bounds checks ([`FastPaths::unchecked`]).
+    pub unchecked_shaders: bool,
     /// Workgroup memory in bytes.
     pub max_workgroup_storage: u32,
     /// Invocations per workgroup.
@@ -465,6 +474,7 @@ impl GpuContext {
             timestamp_query: dev_features.contains(wgpu::Features::TIMESTAMP_QUERY),
             timestamp_inside_passes: dev_features
                 .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES),
+            unchecked_shaders: fp.unchecked,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
             max_storage_binding: limits.max_storage_buffer_binding_size,
@@ -622,7 +632,8 @@ mod tests {
         );
         assert!(DeviceSelector::parse("name:").is_err());
         let fp = FastPaths::parse_disable("f16, subgroup").unwrap();
-        assert!(!fp.f16 && !fp.subgroup && fp.coopmat && fp.timestamp);
+        assert!(!fp.f16 && !fp.subgroup && fp.coopmat && fp.timestamp && fp.unchecked);
+        assert!(!FastPaths::parse_disable("unchecked").unwrap().unchecked);
         assert!(matches!(
             FastPaths::parse_disable("warp"),
             Err(GpuError::InvalidArgument(_))

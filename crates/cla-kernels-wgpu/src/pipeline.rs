@@ -245,12 +245,23 @@ impl GpuContext {
                 bind_group_layouts: &[Some(&layout)],
                 immediate_size: 0,
             });
-        let module = self
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(&name),
-                source: wgpu::ShaderSource::Wgsl(src.into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(&name),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        };
+        let module = if self.features().unchecked_shaders {
+            // SAFETY: every dispatch of a kernel goes through its wrapper in `ops`, which
+            // checks the shapes against the bound buffers' sizes and the binding limits
+            // first; the shaders index only inside those shapes (each kernel's property
+            // test runs it with poisoned, exactly sized outputs). Dropping wgpu's
+            // per-access bounds checks saves an index clamp on every load and store.
+            unsafe {
+                self.device
+                    .create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked())
+            }
+        } else {
+            self.device.create_shader_module(desc)
+        };
         let pipeline = self
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
