@@ -6,7 +6,7 @@
 
 use crate::failure::EXIT_INTERRUPTED;
 use cla_core::ModelConfig;
-use cla_model::{Decoder, ModelError, SequenceId, SequenceStep};
+use cla_model::{Decoder, ModelError, SequenceCache, SequenceStep};
 use ndarray::Array2;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -64,36 +64,12 @@ impl Decoder for Interruptible<'_> {
         self.inner.config()
     }
 
-    fn add_sequence(&mut self) -> SequenceId {
-        self.inner.add_sequence()
+    fn sequences(&self) -> &dyn SequenceCache {
+        self.inner.sequences()
     }
 
-    fn free_sequence(&mut self, seq: SequenceId) -> cla_model::Result<()> {
-        self.inner.free_sequence(seq)
-    }
-
-    fn fork_sequence(&mut self, seq: SequenceId) -> cla_model::Result<SequenceId> {
-        self.inner.fork_sequence(seq)
-    }
-
-    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> cla_model::Result<()> {
-        self.inner.truncate_sequence(seq, n)
-    }
-
-    fn sequence_len(&self, seq: SequenceId) -> cla_model::Result<usize> {
-        self.inner.sequence_len(seq)
-    }
-
-    fn sequence_kv_bytes(&self, seq: SequenceId) -> cla_model::Result<u64> {
-        self.inner.sequence_kv_bytes(seq)
-    }
-
-    fn kv_bytes_in_use(&self) -> u64 {
-        self.inner.kv_bytes_in_use()
-    }
-
-    fn free_kv_tokens(&self) -> usize {
-        self.inner.free_kv_tokens()
+    fn sequences_mut(&mut self) -> &mut dyn SequenceCache {
+        self.inner.sequences_mut()
     }
 
     fn forward(&mut self, batch: &[SequenceStep<'_>]) -> cla_model::Result<Vec<Array2<f32>>> {

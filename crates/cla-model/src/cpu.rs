@@ -26,8 +26,10 @@
 //! to the cache. A step that wants the last position's logits therefore runs the tail for
 //! that position only (the result is identical; see [`CpuDecoderOptions`]).
 
-use crate::decoder::{Decoder, LogitsWanted, SequenceId, SequenceStep};
-use crate::error::{ModelError, Result};
+use crate::decoder::{
+    Decoder, LogitsWanted, SequenceCache, SequenceStep, end_batch, reserve_batch, validate_batch,
+};
+use crate::error::Result;
 use crate::ops::{RopeTable, linear, rms_norm, silu, softmax_in_place};
 use crate::weights::{LayerWeights, ModelWeights};
 use cla_core::ModelConfig;
@@ -35,7 +37,6 @@ use cla_kv::{KvBlock, KvCacheConfig, KvDType, KvShape, KvSlice, PagedKvCache};
 use half::slice::HalfFloatSliceExt;
 use ndarray::{Array2, Axis, Zip, s};
 use rayon::prelude::*;
-use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -114,41 +115,6 @@ impl CpuDecoder {
     /// Changes the options (e.g. to measure the consumer-tail saving).
     pub fn set_options(&mut self, options: CpuDecoderOptions) {
         self.options = options;
-    }
-
-    /// Checks a batch before anything is changed.
-    fn validate(&self, batch: &[SequenceStep<'_>]) -> Result<()> {
-        let c = &self.weights.config;
-        let mut seen = HashSet::new();
-        for step in batch {
-            if !self.cache.contains(step.seq) {
-                return Err(ModelError::UnknownSequence(step.seq));
-            }
-            if !seen.insert(step.seq) {
-                return Err(ModelError::DuplicateSequence(step.seq));
-            }
-            if step.tokens.is_empty() {
-                return Err(ModelError::invalid(
-                    "tokens",
-                    format!("the step of sequence {} has no tokens", step.seq),
-                ));
-            }
-            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::TokenOutOfRange {
-                    token: bad,
-                    vocab: c.vocab_size,
-                });
-            }
-            let needed = self.cache.seq_len(step.seq)? + step.tokens.len();
-            if needed > c.max_position_embeddings {
-                return Err(ModelError::ContextExceeded {
-                    seq: step.seq,
-                    needed,
-                    context: c.max_position_embeddings,
-                });
-            }
-        }
-        Ok(())
     }
 
     /// The forward pass proper; the caller has reserved the new positions in the cache.
@@ -437,76 +403,18 @@ impl Decoder for CpuDecoder {
         &self.weights.config
     }
 
-    fn add_sequence(&mut self) -> SequenceId {
-        self.cache.add_sequence()
+    fn sequences(&self) -> &dyn SequenceCache {
+        &self.cache
     }
 
-    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
-        self.check_known(seq)?;
-        Ok(self.cache.free(seq)?)
-    }
-
-    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
-        self.check_known(seq)?;
-        Ok(self.cache.fork(seq)?)
-    }
-
-    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
-        self.check_known(seq)?;
-        Ok(self.cache.truncate(seq, n)?)
-    }
-
-    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
-        self.check_known(seq)?;
-        Ok(self.cache.seq_len(seq)?)
-    }
-
-    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
-        self.check_known(seq)?;
-        Ok(self.cache.sequence_reserved_bytes(seq)?)
-    }
-
-    fn kv_bytes_in_use(&self) -> u64 {
-        self.cache.memory().reserved_bytes
-    }
-
-    fn free_kv_tokens(&self) -> usize {
-        self.cache.free_tokens()
+    fn sequences_mut(&mut self) -> &mut dyn SequenceCache {
+        &mut self.cache
     }
 
     fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
-        self.validate(batch)?;
-        for (i, step) in batch.iter().enumerate() {
-            if let Err(e) = self.cache.reserve(step.seq, step.tokens.len()) {
-                for earlier in &batch[..i] {
-                    self.cache.abort(earlier.seq)?;
-                }
-                return Err(e.into());
-            }
-        }
-        match self.run(batch) {
-            Ok(logits) => {
-                for step in batch {
-                    self.cache.commit(step.seq)?;
-                }
-                Ok(logits)
-            }
-            Err(e) => {
-                for step in batch {
-                    self.cache.abort(step.seq)?;
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-impl CpuDecoder {
-    fn check_known(&self, seq: SequenceId) -> Result<()> {
-        if self.cache.contains(seq) {
-            Ok(())
-        } else {
-            Err(ModelError::UnknownSequence(seq))
-        }
+        validate_batch(&self.weights.config, &self.cache, batch)?;
+        reserve_batch(&mut self.cache, batch)?;
+        let outcome = self.run(batch);
+        end_batch(&mut self.cache, batch, outcome)
     }
 }

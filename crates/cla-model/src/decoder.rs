@@ -4,10 +4,18 @@
 //! [`crate::cpu::CpuDecoder`] is the reference implementation; a GPU backend implements the
 //! same trait, so generation ([`crate::generate`]) and evaluation ([`crate::perplexity`])
 //! run unchanged on either and can be checked against each other.
+//!
+//! What the two backends share lives here too, so that each keeps only what differs (the
+//! forward pass): the sequence methods come from [`SequenceCache`], which every `cla-kv`
+//! [`PagedKvCache`] implements whatever its storage, and a forward step checks its batch,
+//! reserves the new positions, and commits them all or drops them all with the same helpers.
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use cla_core::ModelConfig;
+use cla_kv::{KvStorage, PagedKvCache};
 use ndarray::Array2;
+use std::collections::HashSet;
+use std::ops::Range;
 
 pub use cla_kv::SequenceId;
 
@@ -54,12 +62,14 @@ impl<'a> SequenceStep<'a> {
     }
 }
 
-/// A decoder over a paged KV cache. Every method that changes state either succeeds or
-/// leaves the decoder as it was.
-pub trait Decoder {
-    /// The model's configuration.
-    fn config(&self) -> &ModelConfig;
-
+/// Where a decoder's sequences live: adding, forking, truncating and freeing them, and what
+/// they hold. Implemented for every `cla-kv` [`PagedKvCache`], whatever its storage, so a
+/// backend whose sequences live there hands its cache to [`Decoder::sequences`] and gets the
+/// sequence methods of [`Decoder`] from it.
+///
+/// An id the cache does not know is [`ModelError::UnknownSequence`]; every other refusal is
+/// the cache's own ([`ModelError::Cache`]), and leaves it unchanged.
+pub trait SequenceCache {
     /// Starts an empty sequence.
     fn add_sequence(&mut self) -> SequenceId;
 
@@ -83,6 +93,109 @@ pub trait Decoder {
 
     /// Positions that still fit in the cache as new blocks.
     fn free_kv_tokens(&self) -> usize;
+}
+
+impl<S: KvStorage> SequenceCache for PagedKvCache<S> {
+    fn add_sequence(&mut self) -> SequenceId {
+        PagedKvCache::add_sequence(self)
+    }
+
+    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
+        check_known(self, seq)?;
+        Ok(self.free(seq)?)
+    }
+
+    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
+        check_known(self, seq)?;
+        Ok(self.fork(seq)?)
+    }
+
+    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
+        check_known(self, seq)?;
+        Ok(self.truncate(seq, n)?)
+    }
+
+    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
+        check_known(self, seq)?;
+        Ok(self.seq_len(seq)?)
+    }
+
+    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
+        check_known(self, seq)?;
+        Ok(self.sequence_reserved_bytes(seq)?)
+    }
+
+    fn kv_bytes_in_use(&self) -> u64 {
+        self.memory().reserved_bytes
+    }
+
+    fn free_kv_tokens(&self) -> usize {
+        self.free_tokens()
+    }
+}
+
+fn check_known<S: KvStorage>(cache: &PagedKvCache<S>, seq: SequenceId) -> Result<()> {
+    if cache.contains(seq) {
+        Ok(())
+    } else {
+        Err(ModelError::UnknownSequence(seq))
+    }
+}
+
+/// A decoder over a paged KV cache. Every method that changes state either succeeds or
+/// leaves the decoder as it was.
+///
+/// A backend provides [`Self::config`], its [`SequenceCache`] and the forward pass; the
+/// sequence methods default to the cache's.
+pub trait Decoder {
+    /// The model's configuration.
+    fn config(&self) -> &ModelConfig;
+
+    /// The sequences and their KV cache.
+    fn sequences(&self) -> &dyn SequenceCache;
+
+    /// The sequences and their KV cache, to change them.
+    fn sequences_mut(&mut self) -> &mut dyn SequenceCache;
+
+    /// Starts an empty sequence.
+    fn add_sequence(&mut self) -> SequenceId {
+        self.sequences_mut().add_sequence()
+    }
+
+    /// Releases a sequence and its cache blocks.
+    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
+        self.sequences_mut().free_sequence(seq)
+    }
+
+    /// A copy of `seq` sharing its cached prefix (copy-on-write blocks).
+    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
+        self.sequences_mut().fork_sequence(seq)
+    }
+
+    /// Drops the last `n` positions of `seq`.
+    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
+        self.sequences_mut().truncate_sequence(seq, n)
+    }
+
+    /// Positions `seq` holds.
+    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
+        self.sequences().sequence_len(seq)
+    }
+
+    /// KV-cache bytes of the blocks `seq` holds (`blocks * block_size * bytes per token`).
+    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
+        self.sequences().sequence_kv_bytes(seq)
+    }
+
+    /// KV-cache bytes held by all sequences together (shared blocks once).
+    fn kv_bytes_in_use(&self) -> u64 {
+        self.sequences().kv_bytes_in_use()
+    }
+
+    /// Positions that still fit in the cache as new blocks.
+    fn free_kv_tokens(&self) -> usize {
+        self.sequences().free_kv_tokens()
+    }
 
     /// Runs the new tokens of every step through the model in one batch, appending their
     /// keys and values to the cache. Returns, per step in order, the logits
@@ -102,6 +215,94 @@ pub trait Decoder {
     }
 }
 
+// ----- the forward protocol every backend over a PagedKvCache follows -----------------------
+
+/// Checks a batch before anything is changed: known, distinct sequences, non-empty steps,
+/// token ids inside the vocabulary, and room in the model's context.
+pub(crate) fn validate_batch(
+    config: &ModelConfig,
+    sequences: &dyn SequenceCache,
+    batch: &[SequenceStep<'_>],
+) -> Result<()> {
+    let mut seen = HashSet::new();
+    for step in batch {
+        let len = sequences.sequence_len(step.seq)?;
+        if !seen.insert(step.seq) {
+            return Err(ModelError::DuplicateSequence(step.seq));
+        }
+        if step.tokens.is_empty() {
+            return Err(ModelError::invalid(
+                "tokens",
+                format!("the step of sequence {} has no tokens", step.seq),
+            ));
+        }
+        if let Some(&bad) = step
+            .tokens
+            .iter()
+            .find(|&&t| t as usize >= config.vocab_size)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                token: bad,
+                vocab: config.vocab_size,
+            });
+        }
+        let needed = len + step.tokens.len();
+        if needed > config.max_position_embeddings {
+            return Err(ModelError::ContextExceeded {
+                seq: step.seq,
+                needed,
+                context: config.max_position_embeddings,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reserves the new positions of every step of a validated batch and returns them, in batch
+/// order. If one does not fit, the reservations already made are dropped: nothing changed.
+pub(crate) fn reserve_batch<S: KvStorage>(
+    cache: &mut PagedKvCache<S>,
+    batch: &[SequenceStep<'_>],
+) -> Result<Vec<Range<usize>>> {
+    let mut reserved = Vec::with_capacity(batch.len());
+    for (i, step) in batch.iter().enumerate() {
+        match cache.reserve(step.seq, step.tokens.len()) {
+            Ok(r) => reserved.push(r),
+            Err(e) => {
+                for earlier in &batch[..i] {
+                    cache.abort(earlier.seq)?;
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(reserved)
+}
+
+/// Ends the reservations of [`reserve_batch`]: commits every step when the forward pass
+/// succeeded, drops them all when it failed (so that no sequence has changed). Returns the
+/// pass's outcome, or the cache's refusal to commit.
+pub(crate) fn end_batch<S: KvStorage, T>(
+    cache: &mut PagedKvCache<S>,
+    batch: &[SequenceStep<'_>],
+    outcome: Result<T>,
+) -> Result<T> {
+    match outcome {
+        Ok(out) => {
+            for step in batch {
+                cache.commit(step.seq)?;
+            }
+            Ok(out)
+        }
+        Err(e) => {
+            for step in batch {
+                cache.abort(step.seq)?;
+            }
+            Err(e)
+        }
+    }
+}
+
 /// Index of the largest value, the lowest index on ties; NaNs never win.
 pub(crate) fn argmax_lowest(values: impl Iterator<Item = f32>) -> u32 {
     let mut best: Option<(usize, f32)> = None;
@@ -114,4 +315,168 @@ pub(crate) fn argmax_lowest(values: impl Iterator<Item = f32>) -> u32 {
         }
     }
     best.map_or(0, |(i, _)| i as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cla_core::SharingPattern;
+    use cla_kv::{KvCacheConfig, KvDType, KvError, KvShape};
+
+    /// Two producer slots (CLA2 over 4 layers), one kv head of 2 dims, blocks of 2 tokens.
+    fn cache(num_blocks: usize) -> PagedKvCache {
+        let sharing = SharingPattern::Cla(2).build(4).unwrap();
+        let shape = KvShape::new(1, 2, sharing).unwrap();
+        PagedKvCache::new(
+            shape,
+            KvCacheConfig::new(num_blocks, KvDType::F32).with_block_size(2),
+        )
+        .unwrap()
+    }
+
+    /// Appends `n` tokens to `seq` directly through the cache.
+    fn append(cache: &mut PagedKvCache, seq: SequenceId, n: usize) {
+        cache.reserve(seq, n).unwrap();
+        write_all(cache, seq, n);
+        cache.commit(seq).unwrap();
+    }
+
+    fn write_all(cache: &mut PagedKvCache, seq: SequenceId, n: usize) {
+        for layer in [0, 2] {
+            cache
+                .write(seq, layer, &vec![1.0; 2 * n], &vec![2.0; 2 * n])
+                .unwrap();
+        }
+    }
+
+    fn config(context: usize) -> ModelConfig {
+        let json = format!(
+            r#"{{"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 4,
+                "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 10,
+                "max_position_embeddings": {context}, "kv_source_layers": [0, 0, 2, 2]}}"#
+        );
+        ModelConfig::from_json_str(&json, "test config").unwrap()
+    }
+
+    #[test]
+    fn a_paged_cache_answers_the_sequence_methods() {
+        let mut cache = cache(8);
+        let s: &mut dyn SequenceCache = &mut cache;
+        let a = s.add_sequence();
+        assert_eq!(s.sequence_len(a).unwrap(), 0);
+        assert_eq!(s.kv_bytes_in_use(), 0);
+        assert_eq!(s.free_kv_tokens(), 16);
+        append(&mut cache, a, 3);
+        let s: &mut dyn SequenceCache = &mut cache;
+        // 2 blocks x 2 tokens x (2 slots x K and V x 2 dims x 4 bytes).
+        assert_eq!(s.sequence_kv_bytes(a).unwrap(), 2 * 2 * 32);
+        assert_eq!(s.kv_bytes_in_use(), 128);
+        assert_eq!(s.free_kv_tokens(), 12);
+        let b = s.fork_sequence(a).unwrap();
+        assert_eq!(s.sequence_len(b).unwrap(), 3);
+        assert_eq!(s.kv_bytes_in_use(), 128, "a fork shares the blocks");
+        s.truncate_sequence(b, 2).unwrap();
+        assert_eq!(s.sequence_len(b).unwrap(), 1);
+        assert!(matches!(
+            s.truncate_sequence(b, 2),
+            Err(ModelError::Cache(KvError::TruncateTooLong { .. }))
+        ));
+        s.free_sequence(b).unwrap();
+        // An id the cache does not know is the decoder's error, not the cache's.
+        let unknown = |r: Result<()>| matches!(r, Err(ModelError::UnknownSequence(x)) if x == b);
+        assert!(unknown(s.free_sequence(b)));
+        assert!(unknown(s.fork_sequence(b).map(drop)));
+        assert!(unknown(s.truncate_sequence(b, 0)));
+        assert!(unknown(s.sequence_len(b).map(drop)));
+        assert!(unknown(s.sequence_kv_bytes(b).map(drop)));
+        assert_eq!(s.sequence_len(a).unwrap(), 3);
+        assert_eq!(s.kv_bytes_in_use(), 128);
+    }
+
+    #[test]
+    fn a_batch_that_does_not_fit_reserves_nothing() {
+        let mut cache = cache(2);
+        let (a, b) = (cache.add_sequence(), cache.add_sequence());
+        let before = cache.clone();
+        let tokens = [1, 2, 3];
+        let batch = [
+            SequenceStep::last(a, &tokens[..2]),
+            SequenceStep::last(b, &tokens),
+        ];
+        assert!(matches!(
+            reserve_batch(&mut cache, &batch),
+            Err(ModelError::Cache(KvError::CacheFull { .. }))
+        ));
+        assert!(cache == before, "the first step's reservation was dropped");
+    }
+
+    #[test]
+    fn a_batch_is_committed_whole_or_dropped_whole() {
+        let mut cache = cache(4);
+        let (a, b) = (cache.add_sequence(), cache.add_sequence());
+        append(&mut cache, a, 1);
+        let before = cache.clone();
+        let batch = [SequenceStep::last(a, &[1, 2]), SequenceStep::last(b, &[3])];
+        assert_eq!(reserve_batch(&mut cache, &batch).unwrap(), vec![1..3, 0..1]);
+        let failed: Result<()> = Err(ModelError::EmptyPrompt);
+        assert!(matches!(
+            end_batch(&mut cache, &batch, failed),
+            Err(ModelError::EmptyPrompt)
+        ));
+        // As before, but for the order of the free list.
+        for seq in [a, b] {
+            assert_eq!(cache.seq_len(seq), before.seq_len(seq));
+            assert_eq!(cache.pending_len(seq).unwrap(), 0);
+            assert_eq!(cache.block_table(seq), before.block_table(seq));
+        }
+        assert_eq!(cache.memory(), before.memory());
+
+        reserve_batch(&mut cache, &batch).unwrap();
+        write_all(&mut cache, a, 2);
+        write_all(&mut cache, b, 1);
+        assert_eq!(end_batch(&mut cache, &batch, Ok(7)).unwrap(), 7);
+        assert_eq!(
+            (cache.seq_len(a).unwrap(), cache.seq_len(b).unwrap()),
+            (3, 1)
+        );
+        assert_eq!(cache.pending_len(a).unwrap(), 0);
+    }
+
+    #[test]
+    fn bad_batches_are_refused_before_anything_changes() {
+        let mut cache = cache(8);
+        let (a, b) = (cache.add_sequence(), cache.add_sequence());
+        append(&mut cache, a, 3);
+        cache.free(b).unwrap();
+        let c = config(4);
+        let check = |batch: &[SequenceStep<'_>]| validate_batch(&c, &cache, batch);
+        assert!(check(&[SequenceStep::last(a, &[1])]).is_ok());
+        assert!(matches!(
+            check(&[SequenceStep::last(b, &[1])]),
+            Err(ModelError::UnknownSequence(x)) if x == b
+        ));
+        assert!(matches!(
+            check(&[SequenceStep::last(a, &[1]), SequenceStep::last(a, &[1])]),
+            Err(ModelError::DuplicateSequence(x)) if x == a
+        ));
+        assert!(matches!(
+            check(&[SequenceStep::last(a, &[])]),
+            Err(ModelError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            check(&[SequenceStep::last(a, &[10])]),
+            Err(ModelError::TokenOutOfRange {
+                token: 10,
+                vocab: 10
+            })
+        ));
+        assert!(matches!(
+            check(&[SequenceStep::last(a, &[1, 2])]),
+            Err(ModelError::ContextExceeded {
+                needed: 5,
+                context: 4,
+                ..
+            })
+        ));
+    }
 }

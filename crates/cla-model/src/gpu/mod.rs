@@ -23,14 +23,15 @@ mod weights;
 pub use storage::GpuKvStorage;
 pub use weights::GpuWeightDType;
 
-use crate::decoder::{Decoder, LogitsWanted, SequenceId, SequenceStep};
+use crate::decoder::{
+    Decoder, LogitsWanted, SequenceCache, SequenceStep, end_batch, reserve_batch, validate_batch,
+};
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
 use cla_core::ModelConfig;
 use cla_kernels_wgpu::{DType, GpuContext, GpuError, GpuTensor, SeqBatch, SeqDesc};
 use cla_kv::{KvCacheConfig, KvLayout, KvShape, PagedKvCache};
 use ndarray::Array2;
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use weights::{GpuLayer, GpuWeights, RandomSource, WeightSource};
@@ -268,47 +269,6 @@ impl GpuDecoder {
         }
     }
 
-    fn check_known(&self, seq: SequenceId) -> Result<()> {
-        if self.cache.contains(seq) {
-            Ok(())
-        } else {
-            Err(ModelError::UnknownSequence(seq))
-        }
-    }
-
-    /// Checks a batch before anything is changed (the CPU decoder's rules).
-    fn validate(&self, batch: &[SequenceStep<'_>]) -> Result<()> {
-        let c = &self.config;
-        let mut seen = HashSet::new();
-        for step in batch {
-            self.check_known(step.seq)?;
-            if !seen.insert(step.seq) {
-                return Err(ModelError::DuplicateSequence(step.seq));
-            }
-            if step.tokens.is_empty() {
-                return Err(ModelError::invalid(
-                    "tokens",
-                    format!("the step of sequence {} has no tokens", step.seq),
-                ));
-            }
-            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::TokenOutOfRange {
-                    token: bad,
-                    vocab: c.vocab_size,
-                });
-            }
-            let needed = self.cache.seq_len(step.seq)? + step.tokens.len();
-            if needed > c.max_position_embeddings {
-                return Err(ModelError::ContextExceeded {
-                    seq: step.seq,
-                    needed,
-                    context: c.max_position_embeddings,
-                });
-            }
-        }
-        Ok(())
-    }
-
     /// Validate, reserve, run, then commit (or abort on any error).
     fn forward_with(&mut self, batch: &[SequenceStep<'_>], readback: Readback) -> Result<Output> {
         if batch.is_empty() {
@@ -317,32 +277,12 @@ impl GpuDecoder {
                 Readback::Greedy => Output::Ids(Vec::new()),
             });
         }
-        self.validate(batch)?;
-        for (i, step) in batch.iter().enumerate() {
-            if let Err(e) = self.cache.reserve(step.seq, step.tokens.len()) {
-                for earlier in &batch[..i] {
-                    self.cache.abort(earlier.seq)?;
-                }
-                return Err(e.into());
-            }
-        }
-        let result = self
+        validate_batch(&self.config, &self.cache, batch)?;
+        reserve_batch(&mut self.cache, batch)?;
+        let outcome = self
             .run(batch, readback)
             .and_then(|out| self.record_writes(batch).map(|()| out));
-        match result {
-            Ok(out) => {
-                for step in batch {
-                    self.cache.commit(step.seq)?;
-                }
-                Ok(out)
-            }
-            Err(e) => {
-                for step in batch {
-                    self.cache.abort(step.seq)?;
-                }
-                Err(e)
-            }
-        }
+        end_batch(&mut self.cache, batch, outcome)
     }
 
     /// Tells the cache that every producer slot of every step was written (by `kv_append`),
@@ -660,45 +600,12 @@ impl Decoder for GpuDecoder {
         &self.config
     }
 
-    fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
-        GpuDecoder::forward_greedy(self, batch)
+    fn sequences(&self) -> &dyn SequenceCache {
+        &self.cache
     }
 
-    fn add_sequence(&mut self) -> SequenceId {
-        self.cache.add_sequence()
-    }
-
-    fn free_sequence(&mut self, seq: SequenceId) -> Result<()> {
-        self.check_known(seq)?;
-        Ok(self.cache.free(seq)?)
-    }
-
-    fn fork_sequence(&mut self, seq: SequenceId) -> Result<SequenceId> {
-        self.check_known(seq)?;
-        Ok(self.cache.fork(seq)?)
-    }
-
-    fn truncate_sequence(&mut self, seq: SequenceId, n: usize) -> Result<()> {
-        self.check_known(seq)?;
-        Ok(self.cache.truncate(seq, n)?)
-    }
-
-    fn sequence_len(&self, seq: SequenceId) -> Result<usize> {
-        self.check_known(seq)?;
-        Ok(self.cache.seq_len(seq)?)
-    }
-
-    fn sequence_kv_bytes(&self, seq: SequenceId) -> Result<u64> {
-        self.check_known(seq)?;
-        Ok(self.cache.sequence_reserved_bytes(seq)?)
-    }
-
-    fn kv_bytes_in_use(&self) -> u64 {
-        self.cache.memory().reserved_bytes
-    }
-
-    fn free_kv_tokens(&self) -> usize {
-        self.cache.free_tokens()
+    fn sequences_mut(&mut self) -> &mut dyn SequenceCache {
+        &mut self.cache
     }
 
     fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
@@ -706,5 +613,9 @@ impl Decoder for GpuDecoder {
             Output::Logits(l) => Ok(l),
             Output::Ids(_) => unreachable!("logits read-back returns logits"),
         }
+    }
+
+    fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
+        GpuDecoder::forward_greedy(self, batch)
     }
 }
