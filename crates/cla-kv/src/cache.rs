@@ -11,6 +11,10 @@
 //! 2. [`PagedKvCache::write`]`(seq, layer, keys, values)` for each producer layer, with
 //!    `n` tokens of keys and values, token-major `[token][kv head][dim]`. A consumer layer
 //!    is refused ([`KvError::ConsumerLayer`]): it has nothing to store.
+//!
+//!    A writer that addresses the pool itself (a GPU kernel appending through the block
+//!    table and the [`KvLayout`]) stores the rows without the cache and then says so with
+//!    [`PagedKvCache::mark_written`]`(seq, layer, positions)`, which moves nothing.
 //! 3. Attention of any layer reads its producer's slot, reserved tokens included once the
 //!    producer has written them ([`PagedKvCache::blocks`], [`PagedKvCache::slot_view`],
 //!    [`PagedKvCache::read`]).
@@ -216,6 +220,13 @@ impl<S: KvStorage> PagedKvCache<S> {
     /// The storage (e.g. to bind its buffers or read raw blocks).
     pub fn storage(&self) -> &S {
         &self.storage
+    }
+
+    /// The storage, for a writer that stores reserved rows itself and then calls
+    /// [`Self::mark_written`]. The storage must keep its layout: the cache checks it only
+    /// when it is built.
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.storage
     }
 
     /// The free list and reference counts.
@@ -448,8 +459,42 @@ impl<S: KvStorage> PagedKvCache<S> {
         Ok(())
     }
 
+    /// Records that producer `layer`'s keys and values of the reserved `positions` are
+    /// already in the storage: a writer that addresses the pool itself (a kernel appending
+    /// through the block table) stored them where [`KvLayout`] puts them. Moves nothing;
+    /// afterwards the slot is read and committed as if [`Self::write`] had stored the rows.
+    ///
+    /// `positions` must be exactly the open reservation, the range [`Self::reserve`]
+    /// returned ([`KvError::NotReserved`] otherwise). A consumer layer is refused as by
+    /// `write`. Marking a slot again before `commit` changes nothing.
+    pub fn mark_written(
+        &mut self,
+        seq: SequenceId,
+        layer: usize,
+        positions: Range<usize>,
+    ) -> Result<()> {
+        let s = self.seq(seq)?;
+        let slot = self.producer_slot(layer)?;
+        let n = s.pending.as_ref().ok_or(KvError::NoReservation(seq))?.n;
+        let reserved = s.len..s.len + n;
+        if positions != reserved {
+            return Err(KvError::NotReserved {
+                seq,
+                positions,
+                reserved,
+            });
+        }
+        let r = self
+            .sequences
+            .get_mut(&seq)
+            .and_then(|s| s.pending.as_mut())
+            .expect("checked above");
+        r.written[slot] = true;
+        Ok(())
+    }
+
     /// Makes the reserved tokens part of `seq`; every producer layer must have written
-    /// them. Returns the new length.
+    /// them (or been marked written). Returns the new length.
     pub fn commit(&mut self, seq: SequenceId) -> Result<usize> {
         let producers = self.shape.sharing().producers();
         let s = self
@@ -792,6 +837,71 @@ mod tests {
         }
         assert_eq!(cache.read(s, 3).unwrap().1, vec![4.0; 6]);
         assert_eq!(cache.blocks(s, 3).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn rows_stored_outside_the_cache_are_marked_not_copied() {
+        let config = KvCacheConfig::new(4, KvDType::F32).with_block_size(2);
+        let mut cache = PagedKvCache::new(shape(), config).unwrap();
+        let s = cache.add_sequence();
+        let r = cache.reserve(s, 3).unwrap();
+        // A "kernel" stores layer 0's rows where the block table and layout say.
+        let table = cache.block_table(s).unwrap().blocks().to_vec();
+        let slot = cache.sharing().slot_of(0);
+        let storage = cache.storage_mut();
+        storage.write_tokens(slot, table[0], 0, &[1.0, 2.0, 3.0, 4.0], &[5.0; 4]);
+        storage.write_tokens(slot, table[1], 0, &[6.0, 7.0], &[8.0; 2]);
+        assert!(matches!(
+            cache.slot_view(s, 1),
+            Err(KvError::NotWritten { producer: 0, .. })
+        ));
+        cache.mark_written(s, 0, r.clone()).unwrap();
+        assert_eq!(cache.slot_view(s, 1).unwrap().len, 3);
+        assert_eq!(
+            cache.read(s, 1).unwrap(),
+            (
+                vec![1.0, 2.0, 3.0, 4.0, 6.0, 7.0],
+                vec![5.0, 5.0, 5.0, 5.0, 8.0, 8.0]
+            )
+        );
+        assert!(matches!(
+            cache.commit(s),
+            Err(KvError::Incomplete { ref missing, .. }) if *missing == [2]
+        ));
+        cache.mark_written(s, 2, r.clone()).unwrap();
+        assert_eq!(cache.commit(s).unwrap(), 3);
+
+        // Misuse is refused, and changes nothing.
+        let before = cache.clone();
+        let no_reservation = cache.mark_written(s, 0, 3..4);
+        assert_eq!(no_reservation, Err(KvError::NoReservation(s)));
+        let r = cache.reserve(s, 1).unwrap();
+        assert_eq!(r, 3..4);
+        let reserved = cache.clone();
+        for wrong in [2..3, 3..5, 4..5, 3..3, 0..4] {
+            assert_eq!(
+                cache.mark_written(s, 0, wrong.clone()),
+                Err(KvError::NotReserved {
+                    seq: s,
+                    positions: wrong,
+                    reserved: 3..4
+                })
+            );
+        }
+        assert!(matches!(
+            cache.mark_written(s, 3, r.clone()),
+            Err(KvError::ConsumerLayer {
+                layer: 3,
+                producer: 2
+            })
+        ));
+        assert!(matches!(
+            cache.mark_written(s, 4, r.clone()),
+            Err(KvError::LayerOutOfRange { layer: 4, .. })
+        ));
+        assert!(cache == reserved);
+        cache.abort(s).unwrap();
+        assert_eq!(cache.seq_len(s), before.seq_len(s));
     }
 
     #[test]

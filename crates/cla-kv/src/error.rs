@@ -4,6 +4,7 @@
 //! an `Err` always means the cache is exactly as it was before the call.
 
 use crate::cache::SequenceId;
+use std::ops::Range;
 use thiserror::Error;
 
 /// Why a cache operation was refused. The cache is unchanged after any of these.
@@ -77,7 +78,7 @@ pub enum KvError {
         /// Elements per head.
         head_dim: usize,
     },
-    /// `write` or `commit` without an open reservation.
+    /// `write`, `mark_written` or `commit` without an open reservation.
     #[error("sequence {0} has no open reservation; call `reserve` first")]
     NoReservation(SequenceId),
     /// `reserve`, `truncate` or `fork` while a reservation is open.
@@ -96,6 +97,23 @@ pub enum KvError {
         layer: usize,
         /// Its producer.
         producer: usize,
+    },
+    /// `mark_written` named positions other than the open reservation's.
+    #[error(
+        "sequence {seq}: positions {}..{} are not its open reservation ({}..{}); mark \
+         exactly the range `reserve` returned",
+        positions.start,
+        positions.end,
+        reserved.start,
+        reserved.end
+    )]
+    NotReserved {
+        /// The sequence.
+        seq: SequenceId,
+        /// The positions given.
+        positions: Range<usize>,
+        /// The positions reserved.
+        reserved: Range<usize>,
     },
     /// `commit` before every producer layer wrote the reserved tokens.
     #[error(

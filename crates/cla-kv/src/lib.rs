@@ -26,7 +26,8 @@
 //! accounting); it is generic over a [`KvStorage`] that only moves elements. The CPU
 //! storage [`CpuKvStorage`] keeps the pool in host memory; a GPU storage elsewhere
 //! implements the same trait and reuses everything else. Kernels address blocks through
-//! [`KvLayout`] and the `u32` view of a [`BlockTable`].
+//! [`KvLayout`] and the `u32` view of a [`BlockTable`]; a kernel that appends the reserved
+//! rows itself tells the cache with [`PagedKvCache::mark_written`] instead of `write`.
 //!
 //! # A decoder step
 //!

@@ -8,7 +8,9 @@
 //! block (copy-on-write), read tokens back. A GPU storage (in a crate that knows the GPU)
 //! implements the same trait over device buffers and reuses the allocator, the block
 //! tables and all their tests unchanged; its kernels address blocks through the same
-//! [`KvLayout`] and the `u32` block tables of [`crate::BlockTable::as_u32`].
+//! [`KvLayout`] and the `u32` block tables of [`crate::BlockTable::as_u32`], and when they
+//! store a step's rows themselves the cache only records it
+//! ([`crate::PagedKvCache::mark_written`]).
 
 use crate::block::BlockId;
 use crate::config::KvDType;

@@ -2,9 +2,15 @@
 //! per LAYER (a consumer copies its producer's), over random operation sequences, sharing
 //! maps, block sizes and element types. Invalid operations are injected and must fail
 //! with the right error, leaving the whole cache (tables, allocator, storage) unchanged.
+//!
+//! Appends store each producer's rows either through `write` or, as a GPU kernel does,
+//! straight into the storage where the block table and layout say, followed by
+//! `mark_written`; `mask` picks which, per producer.
 
 use cla_core::{KvSharing, SharingPattern};
-use cla_kv::{BlockId, KvCacheConfig, KvDType, KvError, KvShape, PagedKvCache, SequenceId};
+use cla_kv::{
+    BlockId, KvCacheConfig, KvDType, KvError, KvShape, KvStorage, PagedKvCache, SequenceId,
+};
 use half::f16;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -15,17 +21,20 @@ type NaiveSeq = Vec<(Vec<f32>, Vec<f32>)>;
 #[derive(Debug, Clone)]
 enum Op {
     Add,
-    /// Append `n` tokens to a live sequence (reserve, write every producer, commit).
+    /// Append `n` tokens to a live sequence (reserve, write or store-and-mark every
+    /// producer, commit).
     Append {
         pick: usize,
         n: usize,
+        mask: u64,
     },
-    /// Reserve `n` tokens, write some producers (checking that they read back with the
-    /// reserved tokens), then abort.
+    /// Reserve `n` tokens, write or store-and-mark some producers (checking that they read
+    /// back with the reserved tokens), then abort.
     AbortedAppend {
         pick: usize,
         n: usize,
         writes: usize,
+        mask: u64,
     },
     Fork {
         pick: usize,
@@ -55,6 +64,7 @@ enum Invalid {
     ReserveTwice,
     ReadBeforeWrite,
     LayerOutOfRange,
+    MarkOtherPositions,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -69,19 +79,36 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Invalid::ReserveTwice),
         Just(Invalid::ReadBeforeWrite),
         Just(Invalid::LayerOutOfRange),
+        Just(Invalid::MarkOtherPositions),
     ];
     // Decode-sized (1-2 tokens) and prefill-sized (up to 40) appends.
     let n = prop_oneof![3 => 1usize..=2, 1 => 3usize..=40];
     prop_oneof![
         2 => Just(Op::Add),
-        6 => (any::<usize>(), n.clone()).prop_map(|(pick, n)| Op::Append { pick, n }),
-        1 => (any::<usize>(), n, any::<usize>())
-            .prop_map(|(pick, n, writes)| Op::AbortedAppend { pick, n, writes }),
+        6 => (any::<usize>(), n.clone(), mask()).prop_map(|(pick, n, mask)| Op::Append {
+            pick,
+            n,
+            mask
+        }),
+        1 => (any::<usize>(), n, any::<usize>(), mask()).prop_map(|(pick, n, writes, mask)| {
+            Op::AbortedAppend {
+                pick,
+                n,
+                writes,
+                mask,
+            }
+        }),
         2 => any::<usize>().prop_map(|pick| Op::Fork { pick }),
         2 => (any::<usize>(), 0usize..=20).prop_map(|(pick, n)| Op::Truncate { pick, n }),
         1 => any::<usize>().prop_map(|pick| Op::Free { pick }),
         3 => (any::<usize>(), invalid).prop_map(|(pick, kind)| Op::Invalid { pick, kind }),
     ]
+}
+
+/// Which producers (bit `i` for the `i`-th) store their rows outside the cache and mark
+/// them: none, all, or a random mix.
+fn mask() -> impl Strategy<Value = u64> {
+    prop_oneof![Just(0), Just(u64::MAX), any::<u64>()]
 }
 
 /// A random valid map: layer 0 produces; each later layer produces or reads an earlier
@@ -185,7 +212,45 @@ impl Harness {
         );
     }
 
-    fn append(&mut self, seq: SequenceId, n: usize) {
+    /// Stores producer `layer`'s rows of the reserved `positions`: through `write`, or
+    /// (`external`) straight into the storage, addressed through the block table and the
+    /// layout as a kernel does, then `mark_written`.
+    fn store(
+        &mut self,
+        seq: SequenceId,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+        keys: &[f32],
+        values: &[f32],
+        external: bool,
+    ) {
+        if !external {
+            self.cache.write(seq, layer, keys, values).unwrap();
+            return;
+        }
+        let w = self.width();
+        let bs = self.cache.config().block_size;
+        let slot = self.sharing().slot_of(layer);
+        let blocks = self.cache.block_table(seq).unwrap().blocks().to_vec();
+        for (i, pos) in positions.clone().enumerate() {
+            let row = i * w..(i + 1) * w;
+            self.cache.storage_mut().write_tokens(
+                slot,
+                blocks[pos / bs],
+                pos % bs,
+                &keys[row.clone()],
+                &values[row],
+            );
+        }
+        // Marking again changes nothing.
+        for _ in 0..1 + positions.len() % 2 {
+            self.cache
+                .mark_written(seq, layer, positions.clone())
+                .unwrap();
+        }
+    }
+
+    fn append(&mut self, seq: SequenceId, n: usize, mask: u64) {
         let fits = self.cache.can_reserve(seq, n).unwrap();
         let needed = self.cache.blocks_needed(seq, n).unwrap();
         if !fits {
@@ -200,8 +265,8 @@ impl Harness {
         assert_eq!(self.cache.reserve(seq, n).unwrap(), len..len + n);
         assert_eq!(self.cache.num_free_blocks(), free_before - needed);
         let kv = self.make_kv(n);
-        for (&layer, (k, v)) in &kv {
-            self.cache.write(seq, layer, k, v).unwrap();
+        for (i, (&layer, (k, v))) in kv.iter().enumerate() {
+            self.store(seq, layer, len..len + n, k, v, marked(mask, i));
         }
         assert_eq!(self.cache.commit(seq).unwrap(), len + n);
         let sharing = self.sharing().clone();
@@ -217,19 +282,19 @@ impl Harness {
         }
     }
 
-    fn aborted_append(&mut self, seq: SequenceId, n: usize, writes: usize) {
+    fn aborted_append(&mut self, seq: SequenceId, n: usize, writes: usize, mask: u64) {
         if !self.cache.can_reserve(seq, n).unwrap() {
             return;
         }
         let free_before = self.cache.num_free_blocks();
-        self.cache.reserve(seq, n).unwrap();
+        let reserved = self.cache.reserve(seq, n).unwrap();
         let kv = self.make_kv(n);
         let sharing = self.sharing().clone();
         let writes = writes % (sharing.num_producers() + 1);
         let written: Vec<usize> = sharing.producers()[..writes].to_vec();
-        for &layer in &written {
+        for (i, &layer) in written.iter().enumerate() {
             let (k, v) = &kv[&layer];
-            self.cache.write(seq, layer, k, v).unwrap();
+            self.store(seq, layer, reserved.clone(), k, v, marked(mask, i));
         }
         // Layers whose producer wrote see the reserved tokens; the others are refused.
         for layer in 0..sharing.num_layers() {
@@ -273,6 +338,7 @@ impl Harness {
                 let unknown = |e: &KvError| matches!(e, KvError::UnknownSequence(s) if *s == dead);
                 self.expect_unchanged(|c| c.reserve(dead, 1).map(drop), unknown);
                 self.expect_unchanged(|c| c.write(dead, 0, &[], &[]), unknown);
+                self.expect_unchanged(|c| c.mark_written(dead, 0, 0..1), unknown);
                 self.expect_unchanged(|c| c.commit(dead).map(drop), unknown);
                 self.expect_unchanged(|c| c.abort(dead), unknown);
                 self.expect_unchanged(|c| c.truncate(dead, 0), unknown);
@@ -300,15 +366,14 @@ impl Harness {
                 if !self.cache.can_reserve(seq, 1).unwrap() {
                     return;
                 }
-                self.cache.reserve(seq, 1).unwrap();
+                let reserved = self.cache.reserve(seq, 1).unwrap();
                 let kv = self.data(w);
-                self.expect_unchanged(
-                    |c| c.write(seq, layer, &kv, &kv),
-                    |e| {
-                        matches!(e, KvError::ConsumerLayer { layer: l, producer }
+                let consumer = |e: &KvError| {
+                    matches!(e, KvError::ConsumerLayer { layer: l, producer }
                         if *l == layer && *producer == sharing.producer_of(layer))
-                    },
-                );
+                };
+                self.expect_unchanged(|c| c.write(seq, layer, &kv, &kv), consumer);
+                self.expect_unchanged(|c| c.mark_written(seq, layer, reserved), consumer);
                 self.cache.abort(seq).unwrap();
             }
             Invalid::OverTruncate => {
@@ -345,8 +410,10 @@ impl Harness {
             }
             Invalid::WriteWithoutReservation => {
                 let kv = self.data(w);
+                let len = self.cache.seq_len(seq).unwrap();
                 let none = |e: &KvError| matches!(e, KvError::NoReservation(_));
                 self.expect_unchanged(|c| c.write(seq, 0, &kv, &kv), none);
+                self.expect_unchanged(|c| c.mark_written(seq, 0, len..len + 1), none);
                 self.expect_unchanged(|c| c.commit(seq).map(drop), none);
                 self.expect_unchanged(|c| c.abort(seq), none);
             }
@@ -379,6 +446,37 @@ impl Harness {
                 self.expect_unchanged(|c| c.read(seq, layer).map(drop), out);
                 let kv = self.data(w);
                 self.expect_unchanged(|c| c.write(seq, layer, &kv, &kv), out);
+                self.expect_unchanged(|c| c.mark_written(seq, layer, 0..1), out);
+            }
+            Invalid::MarkOtherPositions => {
+                let n = 1 + pick % 3;
+                if !self.cache.can_reserve(seq, n).unwrap() {
+                    return;
+                }
+                let r = self.cache.reserve(seq, n).unwrap();
+                let producer = sharing.producers()[pick % sharing.num_producers()];
+                let (s, e) = (r.start, r.end);
+                let mut wrong = vec![s + 1..e + 1, s..e + 1, s..e - 1, e..e, s..s, 0..e + n];
+                if s > 0 {
+                    wrong.push(s - 1..e - 1);
+                    wrong.push(0..e);
+                }
+                for positions in wrong {
+                    let given = positions.clone();
+                    self.expect_unchanged(
+                        |c| c.mark_written(seq, producer, positions),
+                        |err| {
+                            matches!(err, KvError::NotReserved { seq: q, positions: p, reserved }
+                                if *q == seq && *p == given && *reserved == r)
+                        },
+                    );
+                }
+                // Nothing was recorded: the producer still has to write.
+                self.expect_unchanged(
+                    |c| c.commit(seq).map(drop),
+                    |err| matches!(err, KvError::Incomplete { missing, .. } if missing.contains(&producer)),
+                );
+                self.cache.abort(seq).unwrap();
             }
         }
     }
@@ -391,14 +489,19 @@ impl Harness {
                 self.naive
                     .insert(id, vec![(Vec::new(), Vec::new()); layers]);
             }
-            Op::Append { pick, n } => {
+            Op::Append { pick, n, mask } => {
                 if let Some(seq) = self.live(pick) {
-                    self.append(seq, n);
+                    self.append(seq, n, mask);
                 }
             }
-            Op::AbortedAppend { pick, n, writes } => {
+            Op::AbortedAppend {
+                pick,
+                n,
+                writes,
+                mask,
+            } => {
                 if let Some(seq) = self.live(pick) {
-                    self.aborted_append(seq, n, writes);
+                    self.aborted_append(seq, n, writes, mask);
                 }
             }
             Op::Fork { pick } => {
@@ -487,6 +590,11 @@ impl Harness {
         assert_eq!(mem.reserved_bytes, refs.len() as u64 * mem.block_bytes);
         assert_eq!(mem.free_blocks() * bs, self.cache.free_tokens());
     }
+}
+
+/// Whether the `i`-th producer stores its rows outside the cache.
+fn marked(mask: u64, i: usize) -> bool {
+    mask >> (i % 64) & 1 == 1
 }
 
 proptest! {

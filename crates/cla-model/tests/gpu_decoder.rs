@@ -398,6 +398,42 @@ fn f16_cache_and_f16_weights_stay_close() {
 }
 
 #[test]
+fn rows_the_kernel_appends_are_what_the_cache_reads() {
+    // `kv_append` writes the pool and the cache is only told (`mark_written`): reading
+    // every layer back through the cache gives the CPU decoder's keys and values.
+    let c = small_config(sharing(SharingPattern::Cla(2), 4), 32, 4, 2, 8, 50, false);
+    let w = random(&c, 11, false);
+    let (mut cpu, mut gpu) = pair(&w, cache());
+    let (c0, g0) = (cpu.add_sequence(), gpu.add_sequence());
+    let (c1, g1) = (cpu.add_sequence(), gpu.add_sequence());
+    let (p0, p1) = (tokens(11, 6, 50), tokens(12, 3, 50));
+    for (c_steps, g_steps) in [
+        (
+            [SequenceStep::last(c0, &p0), SequenceStep::last(c1, &p1)],
+            [SequenceStep::last(g0, &p0), SequenceStep::last(g1, &p1)],
+        ),
+        (
+            [SequenceStep::last(c0, &[7]), SequenceStep::last(c1, &[8])],
+            [SequenceStep::last(g0, &[7]), SequenceStep::last(g1, &[8])],
+        ),
+    ] {
+        cpu.forward(&c_steps).unwrap();
+        gpu.forward(&g_steps).unwrap();
+    }
+    for (cs, gs, len) in [(c0, g0, 7), (c1, g1, 4)] {
+        assert_eq!(gpu.cache().seq_len(gs).unwrap(), len);
+        assert_eq!(gpu.cache().pending_len(gs).unwrap(), 0);
+        for layer in 0..4 {
+            let (ck, cv) = cpu.cache().read(cs, layer).unwrap();
+            let (gk, gv) = gpu.cache().read(gs, layer).unwrap();
+            assert_eq!(gk.len(), len * c.kv_width(), "layer {layer}");
+            let diff = max_abs_diff(&ck, &gk).max(max_abs_diff(&cv, &gv));
+            assert!(diff < TOL, "{cs} layer {layer}: K/V differ by {diff}");
+        }
+    }
+}
+
+#[test]
 fn gpu_storage_round_trips_host_writes_like_the_cpu_storage() {
     // The storage under the cache's host API: write, fork + copy-on-write, read back.
     let sharing = KvSharing::from_sources("t", vec![0, 0, 2]).unwrap();

@@ -144,8 +144,6 @@ pub struct GpuDecoder {
     work: Option<Workspace>,
     /// Logits buffer of the last step, reused while the row count stays the same.
     logits: Option<GpuTensor>,
-    /// Zeros handed to `PagedKvCache::write` to record kernel-written slots.
-    placeholder: Vec<f32>,
 }
 
 impl fmt::Debug for GpuDecoder {
@@ -221,7 +219,6 @@ impl GpuDecoder {
             options,
             work: None,
             logits: None,
-            placeholder: Vec::new(),
         })
     }
 
@@ -278,35 +275,27 @@ impl GpuDecoder {
             });
         }
         validate_batch(&self.config, &self.cache, batch)?;
-        reserve_batch(&mut self.cache, batch)?;
+        let reserved = reserve_batch(&mut self.cache, batch)?;
         let outcome = self
             .run(batch, readback)
-            .and_then(|out| self.record_writes(batch).map(|()| out));
+            .and_then(|out| self.mark_written(batch, &reserved).map(|()| out));
         end_batch(&mut self.cache, batch, outcome)
     }
 
-    /// Tells the cache that every producer slot of every step was written (by `kv_append`),
-    /// without moving data: the storage is in record-only mode meanwhile.
-    fn record_writes(&mut self, batch: &[SequenceStep<'_>]) -> Result<()> {
-        let width = self.config.kv_width();
-        let most = batch.iter().map(|s| s.tokens.len()).max().unwrap_or(0) * width;
-        if self.placeholder.len() < most {
-            self.placeholder.resize(most, 0.0);
-        }
-        let producers = self.config.kv_sharing.producers().to_vec();
-        let previous = self.cache.storage().set_record_only(true);
-        let mut result = Ok(());
-        'steps: for step in batch {
-            let zeros = &self.placeholder[..step.tokens.len() * width];
-            for &layer in &producers {
-                if let Err(e) = self.cache.write(step.seq, layer, zeros, zeros) {
-                    result = Err(e.into());
-                    break 'steps;
-                }
+    /// Tells the cache that `kv_append` wrote the `reserved` positions of every producer
+    /// slot of every step.
+    fn mark_written(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        reserved: &[std::ops::Range<usize>],
+    ) -> Result<()> {
+        for (step, positions) in batch.iter().zip(reserved) {
+            for &layer in self.config.kv_sharing.producers() {
+                self.cache
+                    .mark_written(step.seq, layer, positions.clone())?;
             }
         }
-        self.cache.storage().set_record_only(previous);
-        result
+        Ok(())
     }
 
     fn workspace(&mut self, rows: usize) -> Result<()> {

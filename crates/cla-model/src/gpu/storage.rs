@@ -8,18 +8,15 @@
 //! pool (GPU buffers and bindings have size limits).
 //!
 //! Keys and values of a forward pass are written by the `kv_append` kernel, not through
-//! [`KvStorage::write_tokens`]. The cache still has to learn that a producer slot was
-//! written before it commits a reservation; the decoder tells it by calling
-//! `PagedKvCache::write` with placeholder buffers while the storage is in *record-only* mode,
-//! in which `write_tokens` moves nothing. Outside that mode `write_tokens` uploads host data
-//! (used by tests and by anyone filling a pool from the CPU).
+//! [`KvStorage::write_tokens`]; the decoder then tells the cache with
+//! `PagedKvCache::mark_written`, which moves nothing. `write_tokens` uploads host data (used
+//! by tests and by anyone filling a pool from the CPU).
 
 use cla_kernels_wgpu::{DType, GpuContext, GpuError, GpuTensor, KvPool, PagedKvLayout};
 use cla_kv::{BlockId, KvDType, KvLayout, KvPart, KvStorage};
 use half::f16;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A paged KV pool on the GPU: one buffer per `(producer slot, K|V)` plane.
 pub struct GpuKvStorage {
@@ -28,8 +25,6 @@ pub struct GpuKvStorage {
     paged: PagedKvLayout,
     /// Plane `2 * slot` holds the keys of `slot`, plane `2 * slot + 1` its values.
     planes: Vec<GpuTensor>,
-    /// When set, `write_tokens` only lets the cache record the write (see the module docs).
-    record_only: AtomicBool,
 }
 
 impl GpuKvStorage {
@@ -67,7 +62,6 @@ impl GpuKvStorage {
             layout,
             paged,
             planes,
-            record_only: AtomicBool::new(false),
         })
     }
 
@@ -96,11 +90,6 @@ impl GpuKvStorage {
             v_base: 0,
             layout: self.paged,
         }
-    }
-
-    /// Switches record-only mode (see the module docs); returns the previous setting.
-    pub(crate) fn set_record_only(&self, on: bool) -> bool {
-        self.record_only.swap(on, Ordering::SeqCst)
     }
 
     fn elem_bytes(&self) -> u64 {
@@ -175,9 +164,6 @@ impl KvStorage for GpuKvStorage {
         keys: &[f32],
         values: &[f32],
     ) {
-        if self.record_only.load(Ordering::SeqCst) {
-            return;
-        }
         let (start, _) = self.block_bytes(block);
         self.scatter(self.plane(slot, KvPart::Keys), start, offset, keys);
         self.scatter(self.plane(slot, KvPart::Values), start, offset, values);
