@@ -15,9 +15,13 @@
 //! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
 //!   card's measured bf16 tensor rate) when given.
-//! - matmul_coopmat: the cooperative-matrix (tensor core) f16 matmul at 4096^3 and
-//!   8192x4096x4096 when the adapter offers it, checked against the R64 kernel on the same
-//!   inputs (max |diff| relative to max |ref|); FLOP/s and percentage of `--ref-tflops`.
+//! - matmul_coopmat: the cooperative-matrix (tensor core) f16 matmul when the adapter offers
+//!   it, one row per kernel design (`CoopVariant`: staged, packed, direct, direct_wide) at
+//!   4096^3 and 8192x4096x4096, plus two shapes with edges (4000x3000x4096: m, n off the
+//!   tiles; 1000x1002x1000: n not a multiple of 4, k not of 16). Each result is checked
+//!   against the R64 kernel on the same inputs (max |diff| relative to max |ref|, at most
+//!   2e-3; `check` says ok or MISMATCH); FLOP/s and percentage of `--ref-tflops`. A summary
+//!   line per shape names the fastest correct variant and the one `linear` uses.
 //! - matvec: decode-shaped matrix-vector products; weight bytes per second and FLOP/s.
 //!
 //! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
@@ -32,7 +36,7 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use cla_kernels_wgpu::ops::matmul::MatmulTile;
+use cla_kernels_wgpu::ops::matmul::{CoopVariant, MatmulTile};
 use cla_kernels_wgpu::{
     DType, DeviceSelector, GpuContext, GpuError, KvPool, PagedKvLayout, SeqBatch, SeqDesc,
 };
@@ -348,11 +352,22 @@ fn main() -> BenchResult<()> {
     }
     drop((x, y));
     if ctx.coopmat_f16_available() {
+        // Square and tall full-tile shapes, then edges: m, n off the tiles (the direct
+        // kernels' clamped edge workgroups), and n not a multiple of 4 with k not of 16 (edge
+        // stores everywhere; the direct variants hand the call to the staged kernel).
         let shapes: &[(usize, usize, usize)] = if q {
             &[(256, 256, 256), (300, 200, 136)]
         } else {
-            &[(4096, 4096, 4096), (8192, 4096, 4096)]
+            &[
+                (4096, 4096, 4096),
+                (8192, 4096, 4096),
+                (4000, 3000, 4096),
+                (1000, 1002, 1000),
+            ]
         };
+        // Largest max|diff| / max|ref| against R64 accepted (f16 rounding of the activations).
+        const COOP_TOL: f64 = 2e-3;
+        let mut summary = Vec::new();
         for &(m, nn, k) in shapes {
             // Deterministic values in [-1, 1).
             let noise = |len: usize, seed: u64| -> Vec<f32> {
@@ -372,41 +387,70 @@ fn main() -> BenchResult<()> {
             let y_ref = ctx.create_tensor(&[m, nn], DType::F32, "y_ref")?;
             let mut enc = ctx.encoder();
             ctx.matmul(&mut enc, &x, &w, &y_ref, MatmulTile::R64)?;
-            ctx.matmul_coopmat(&mut enc, &x, &w, &y)?;
             ctx.submit_and_wait(enc)?;
-            let (got, want) = (ctx.read_f32(&y)?, ctx.read_f32(&y_ref)?);
-            let max_ref = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let max_diff = got
-                .iter()
-                .zip(&want)
-                .fold(0.0f32, |a, (g, r)| a.max((g - r).abs()));
-            let secs = timer.time(if q { 2 } else { 10 }, &mut |enc| {
-                ctx.matmul_coopmat(enc, &x, &w, &y)
-            })?;
-            let flops = 2.0 * (m * nn * k) as f64 / secs;
-            let mut note = format!(
-                "max|diff| / max|ref| vs R64 = {:.2e}",
-                f64::from(max_diff) / f64::from(max_ref.max(f32::MIN_POSITIVE))
-            );
-            if let Some(r) = args.ref_tflops {
-                let _ = write!(
+            let expected = ctx.read_f32(&y_ref)?;
+            let max_ref = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let mut fastest: Option<(CoopVariant, f64)> = None;
+            for variant in CoopVariant::ALL {
+                // NaN in every element first, so that one the kernel skips counts as wrong.
+                ctx.fill_u32_pattern(&y, 0x7fc0_0000);
+                let mut enc = ctx.encoder();
+                ctx.matmul_coopmat_with(&mut enc, &x, &w, &y, variant)?;
+                ctx.submit_and_wait(enc)?;
+                let got = ctx.read_f32(&y)?;
+                let max_diff = got.iter().zip(&expected).fold(0.0f64, |a, (g, r)| {
+                    let d = f64::from((g - r).abs());
+                    if d.is_nan() { f64::INFINITY } else { a.max(d) }
+                });
+                let rel = max_diff / f64::from(max_ref.max(f32::MIN_POSITIVE));
+                let ok = rel <= COOP_TOL;
+                let secs = timer.time(if q { 2 } else { 10 }, &mut |enc| {
+                    ctx.matmul_coopmat_with(enc, &x, &w, &y, variant)
+                })?;
+                let flops = 2.0 * (m * nn * k) as f64 / secs;
+                if ok && fastest.is_none_or(|(_, f)| flops > f) {
+                    fastest = Some((variant, flops));
+                }
+                let mut note = format!("max|diff| / max|ref| vs R64 = {rel:.2e}");
+                if let Some(r) = args.ref_tflops {
+                    let _ = write!(
+                        note,
+                        "; {:.1}% of reference {r} TFLOP/s",
+                        100.0 * flops / (r * 1e12)
+                    );
+                }
+                if variant == CoopVariant::DEFAULT {
+                    note.push_str("; used by linear");
+                }
+                let (bm, bn) = variant.tile();
+                rows.push(Row {
+                    kind: "matmul_coopmat",
+                    params: vec![
+                        ("m_n_k", format!("{m}x{nn}x{k}")),
+                        ("weights", "f16".into()),
+                        ("variant", variant.name().into()),
+                        ("tile", format!("{bm}x{bn} coop16x16x16")),
+                        ("check", if ok { "ok" } else { "MISMATCH" }.into()),
+                    ],
+                    seconds: secs,
+                    bytes_per_s: None,
+                    flops: Some(flops),
                     note,
-                    "; {:.1}% of reference {r} TFLOP/s",
-                    100.0 * flops / (r * 1e12)
-                );
+                });
             }
-            rows.push(Row {
-                kind: "matmul_coopmat",
-                params: vec![
-                    ("m_n_k", format!("{m}x{nn}x{k}")),
-                    ("weights", "f16".into()),
-                    ("tile", "128x128 coop16x16x16".into()),
-                ],
-                seconds: secs,
-                bytes_per_s: None,
-                flops: Some(flops),
-                note,
+            summary.push(match fastest {
+                Some((v, f)) => format!(
+                    "matmul_coopmat {m}x{nn}x{k}: fastest correct variant {} ({:.1} TFLOP/s); \
+                     linear uses {}",
+                    v.name(),
+                    f / 1e12,
+                    CoopVariant::DEFAULT.name()
+                ),
+                None => format!("matmul_coopmat {m}x{nn}x{k}: no variant within {COOP_TOL:e}"),
             });
+        }
+        for line in &summary {
+            println!("{line}");
         }
     } else {
         rows.push(Row {

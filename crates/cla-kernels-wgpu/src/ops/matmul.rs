@@ -3,9 +3,11 @@
 //! Kernels:
 //! - a register-tiled matmul for prefill (`shaders/matmul_reg.wgsl`, [`MatmulTile::R64`]:
 //!   64x64 tiles, 4x4 outputs per thread in vec4 registers, vec4 loads), portable;
-//! - a cooperative-matrix (tensor core) matmul (`shaders/matmul_coop.wgsl`) for f16 weights,
-//!   with activations rounded to f16 and f32 accumulation, where the adapter offers 16x16x16
-//!   f16 -> f32 tiles ([`GpuContext::matmul_coopmat`]);
+//! - a cooperative-matrix (tensor core) matmul for f16 weights, with activations rounded to
+//!   f16 and f32 accumulation, where the adapter offers 16x16x16 f16 -> f32 tiles
+//!   ([`GpuContext::matmul_coopmat`]); several kernel designs ([`CoopVariant`]:
+//!   `shaders/matmul_coop.wgsl`, `matmul_coop_packed.wgsl`, `matmul_coop_direct.wgsl`) that
+//!   the benchmark compares, [`CoopVariant::DEFAULT`] serving [`GpuContext::linear`];
 //! - the older shared-memory tiled matmul (`shaders/matmul.wgsl`, [`MatmulTile::T4`] / `T8`);
 //! - a matrix-vector product for decode (`shaders/matvec*.wgsl`, a few rows, bound by reading
 //!   the weights once).
@@ -22,11 +24,11 @@ use crate::tensor::{DType, GpuTensor};
 const MATMUL_SRC: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_REG_SRC: &str = include_str!("../shaders/matmul_reg.wgsl");
 const MATMUL_COOP_SRC: &str = include_str!("../shaders/matmul_coop.wgsl");
+const MATMUL_COOP_PACKED_SRC: &str = include_str!("../shaders/matmul_coop_packed.wgsl");
+const MATMUL_COOP_DIRECT_SRC: &str = include_str!("../shaders/matmul_coop_direct.wgsl");
 /// Output tile edge of the register-tiled matmul ([`MatmulTile::R64`]).
 const REG_BM: usize = 64;
-/// Output tile edge of the cooperative-matrix matmul.
-const COOP_BM: usize = 128;
-/// K slice of the cooperative-matrix matmul.
+/// K slice of the staged cooperative-matrix matmul ([`CoopVariant::Staged`]).
 const COOP_BK: u32 = 64;
 /// f32 -> packed f16 conversion of activations for the cooperative-matrix matmul.
 const TO_F16_SRC: &str = "struct Params { words: u32, _a: u32, _b: u32, _c: u32 }
@@ -94,6 +96,152 @@ impl MatmulTile {
     }
 }
 
+/// Kernel design of the cooperative-matrix (tensor core) matmul
+/// ([`GpuContext::matmul_coopmat_with`]). All of them compute `y = x · wᵀ` from the f16 copy
+/// of `x` and f16 `w` with f32 accumulation, one workgroup per output tile of
+/// [`CoopVariant::tile`]; they differ in how the operands reach the tensor cores.
+/// [`CoopVariant::ALL`] lists them for benchmarks and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CoopVariant {
+    /// `shaders/matmul_coop.wgsl`: 128x128 tiles, 8 subgroups of 64x32 (4 x 2 accumulators),
+    /// K slices of 64 staged in workgroup memory half by half, the next slice fetched into
+    /// registers meanwhile; two barriers per slice. Any `m`, `n`; `k` a multiple of 8. The
+    /// fallback of the direct variants.
+    Staged,
+    /// `shaders/matmul_coop_packed.wgsl`: 128x128 tiles, 4 subgroups of 64x64 (4 x 4
+    /// accumulators: 8 fragment loads per 16 multiply-adds), K slices of 32 staged in groups
+    /// of 4 halves (one 8-byte store each) in two alternating stages, one barrier per slice.
+    /// Any `m`, `n`; `k` a multiple of 8.
+    Packed,
+    /// `shaders/matmul_coop_direct.wgsl`: 128x128 tiles, 4 subgroups of 64x64, fragments
+    /// loaded straight from the storage buffers (no workgroup memory, no barrier; L1 and L2
+    /// serve the reuse), the next step's fragments in flight during the multiply-adds. Needs
+    /// `k` a multiple of 16 and `m`, `n` of at least 16; other shapes run [`Self::Staged`].
+    Direct,
+    /// As [`Self::Direct`] with 8 subgroups in a 4 x 2 grid: 256x128 tiles (rows x columns
+    /// of `y`), so each fragment of `x` serves 2 subgroups and each of `w` serves 4.
+    DirectWide,
+}
+
+impl CoopVariant {
+    /// Every variant, the baseline first.
+    pub const ALL: [CoopVariant; 4] = [
+        CoopVariant::Staged,
+        CoopVariant::Packed,
+        CoopVariant::Direct,
+        CoopVariant::DirectWide,
+    ];
+
+    /// The variant behind [`GpuContext::matmul_coopmat`] and [`GpuContext::linear`].
+    /// `examples/gpu_bench.rs` times every variant on the same inputs and names the fastest
+    /// correct one per shape, so that this choice follows the measurements. The packed
+    /// kernel keeps the staged design's coalesced global reads and stages them with a
+    /// quarter of its workgroup stores, 8 fragment loads per 16 multiply-adds (instead of 6
+    /// per 8) and one barrier per slice.
+    pub const DEFAULT: CoopVariant = CoopVariant::Packed;
+
+    /// Short name (benchmark rows, pipeline names).
+    pub fn name(self) -> &'static str {
+        match self {
+            CoopVariant::Staged => "staged",
+            CoopVariant::Packed => "packed",
+            CoopVariant::Direct => "direct",
+            CoopVariant::DirectWide => "direct_wide",
+        }
+    }
+
+    /// Output tile of one workgroup: (rows, columns) of `y`.
+    pub fn tile(self) -> (usize, usize) {
+        match self {
+            CoopVariant::DirectWide => (256, 128),
+            _ => (128, 128),
+        }
+    }
+
+    /// Subgroup grid (rows, columns) of the direct variants.
+    fn subgroup_grid(self) -> (u32, u32) {
+        match self {
+            CoopVariant::DirectWide => (4, 2),
+            _ => (2, 2),
+        }
+    }
+
+    /// Invocations per workgroup.
+    fn invocations(self) -> u32 {
+        match self {
+            CoopVariant::Staged | CoopVariant::DirectWide => 256,
+            CoopVariant::Packed | CoopVariant::Direct => 128,
+        }
+    }
+
+    /// Workgroup memory the kernel declares, in bytes.
+    fn shared_bytes(self) -> u32 {
+        match self {
+            // Two slices of 128 rows of `bk + 8` halves, a 16x16 f32 square per subgroup.
+            CoopVariant::Staged => 2 * 128 * (COOP_BK + 8) * 2 + 8 * 256 * 4,
+            // Two stages of x and of w, 128 rows of 32 + 8 halves each; 4 squares.
+            CoopVariant::Packed => 2 * 2 * 128 * (32 + 8) * 2 + 4 * 256 * 4,
+            // Only the edge squares.
+            CoopVariant::Direct | CoopVariant::DirectWide => self.invocations() / 32 * 256 * 4,
+        }
+    }
+
+    /// The variant that runs a call of this shape: the direct kernels need `k` a multiple of
+    /// 16 (16-deep fragment steps, 32-byte aligned rows) and at least one whole fragment in
+    /// each output dimension (their edge fragments are clamped inside the matrices).
+    fn for_shape(self, m: usize, n: usize, k: usize) -> CoopVariant {
+        match self {
+            CoopVariant::Direct | CoopVariant::DirectWide
+                if !k.is_multiple_of(16) || m < 16 || n < 16 =>
+            {
+                CoopVariant::Staged
+            }
+            v => v,
+        }
+    }
+
+    /// Pipeline key of the variant's kernel.
+    fn key(self) -> PipelineKey {
+        let params = match self {
+            CoopVariant::Staged => vec![("bk", COOP_BK)],
+            CoopVariant::Packed => vec![("bk", 32)],
+            CoopVariant::Direct | CoopVariant::DirectWide => {
+                let (sgm, sgn) = self.subgroup_grid();
+                vec![("sgm", sgm), ("sgn", sgn)]
+            }
+        };
+        PipelineKey {
+            kernel: match self {
+                CoopVariant::Staged => "matmul_coop",
+                CoopVariant::Packed => "matmul_coop_packed",
+                CoopVariant::Direct | CoopVariant::DirectWide => "matmul_coop_direct",
+            },
+            elems: vec![crate::ElemStorage::F16],
+            params,
+        }
+    }
+
+    /// WGSL of the variant's kernel.
+    fn source(self, name: &str) -> Result<String> {
+        match self {
+            CoopVariant::Staged => coop_source(name, COOP_BK),
+            CoopVariant::Packed => render(name, MATMUL_COOP_PACKED_SRC, &[]),
+            CoopVariant::Direct | CoopVariant::DirectWide => {
+                let (sgm, sgn) = self.subgroup_grid();
+                render(
+                    name,
+                    MATMUL_COOP_DIRECT_SRC,
+                    &[
+                        ("SGM", sgm.to_string()),
+                        ("SGN", sgn.to_string()),
+                        ("THREADS", self.invocations().to_string()),
+                    ],
+                )
+            }
+        }
+    }
+}
+
 struct LinearShape {
     m: usize,
     n: usize,
@@ -152,15 +300,17 @@ impl GpuContext {
         }
     }
 
-    /// Whether the device can run [`GpuContext::matmul_coopmat`]: a 16x16x16 f16 -> f32
-    /// cooperative-matrix shape, native f16, subgroups of exactly 32 invocations and enough
-    /// workgroup memory. `CLA_GPU_DISABLE=coopmat` switches it off.
+    /// Whether the device can run [`GpuContext::matmul_coopmat`] (every [`CoopVariant`]): a
+    /// 16x16x16 f16 -> f32 cooperative-matrix shape, native f16, subgroups of exactly 32
+    /// invocations and enough invocations and workgroup memory for each variant.
+    /// `CLA_GPU_DISABLE=coopmat` switches it off.
     pub fn coopmat_f16_available(&self) -> bool {
         let f = self.features();
         f.shader_f16
             && f.subgroup_size == (32, 32)
-            && f.max_invocations >= 256
-            && f.max_workgroup_storage >= coop_shared_bytes(COOP_BK)
+            && CoopVariant::ALL.iter().all(|v| {
+                f.max_invocations >= v.invocations() && f.max_workgroup_storage >= v.shared_bytes()
+            })
             && f.cooperative_matrix
                 .iter()
                 .any(|c| (c.m, c.n, c.k) == (16, 16, 16) && c.ab == "F16" && c.cr == "F32")
@@ -170,15 +320,30 @@ impl GpuContext {
         w.dtype == DType::F16 && s.k.is_multiple_of(8) && self.coopmat_f16_available()
     }
 
-    /// `y = x · wᵀ` on the tensor cores: `x` is rounded to f16 (into a staging buffer kept by
-    /// the context), `w` must be f16, products are accumulated in f32. Needs `k` a multiple
-    /// of 8 and [`GpuContext::coopmat_f16_available`]; any `m`, `n`.
+    /// `y = x · wᵀ` on the tensor cores with [`CoopVariant::DEFAULT`]: `x` is rounded to f16
+    /// (into a staging buffer kept by the context), `w` must be f16, products are
+    /// accumulated in f32. Needs `k` a multiple of 8 and
+    /// [`GpuContext::coopmat_f16_available`]; any `m`, `n`.
     pub fn matmul_coopmat(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         x: &GpuTensor,
         w: &GpuTensor,
         y: &GpuTensor,
+    ) -> Result<()> {
+        self.matmul_coopmat_with(encoder, x, w, y, CoopVariant::DEFAULT)
+    }
+
+    /// [`GpuContext::matmul_coopmat`] with a chosen kernel design. Same shapes for every
+    /// variant: a direct variant hands the shapes it cannot take (`k` not a multiple of 16,
+    /// fewer than 16 rows or columns) to [`CoopVariant::Staged`].
+    pub fn matmul_coopmat_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        y: &GpuTensor,
+        variant: CoopVariant,
     ) -> Result<()> {
         let s = linear_shape(x, w, y)?;
         ensure_arg!(
@@ -201,7 +366,9 @@ impl GpuContext {
         self.check_binding("linear weight", w.byte_len() as u64)?;
         let half_bytes = (s.m * s.k * 2) as u64;
         self.check_binding("matmul_coopmat f16 activations", half_bytes)?;
-        let (gx, gy) = self.output_tile_grid("matmul_coopmat", &s, COOP_BM)?;
+        let variant = variant.for_shape(s.m, s.n, s.k);
+        let (bm, bn) = variant.tile();
+        let (gx, gy) = self.output_tile_grid("matmul_coopmat", &s, bm, bn)?;
         let staging = self.coop_staging(half_bytes)?;
 
         // 1. Activations to f16 (two per word).
@@ -233,15 +400,10 @@ impl GpuContext {
         );
 
         // 2. The tensor-core tiles.
-        let key = PipelineKey {
-            kernel: "matmul_coop",
-            elems: vec![crate::ElemStorage::F16],
-            params: vec![("bk", COOP_BK)],
-        };
         let kernel = self.kernel(
-            key,
+            variant.key(),
             &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
-            |name| coop_source(name, COOP_BK),
+            |name| variant.source(name),
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
         self.dispatch(
@@ -332,7 +494,8 @@ impl GpuContext {
             },
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
-        let (gx, gy) = self.output_tile_grid("matmul", &s, 16 * tm as usize)?;
+        let block = 16 * tm as usize;
+        let (gx, gy) = self.output_tile_grid("matmul", &s, block, block)?;
         self.dispatch(
             encoder,
             &kernel,
@@ -342,11 +505,17 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Workgroups over the `m x n` output for square output tiles of `block`, checked
-    /// against the adapter's per-dimension limit.
-    fn output_tile_grid(&self, kernel: &str, s: &LinearShape, block: usize) -> Result<(u32, u32)> {
-        let gx = u32_of(&format!("{kernel} grid x"), s.n.div_ceil(block))?;
-        let gy = u32_of(&format!("{kernel} grid y"), s.m.div_ceil(block))?;
+    /// Workgroups over the `m x n` output for output tiles of `bm` rows and `bn` columns
+    /// (x along `n`, y along `m`), checked against the adapter's per-dimension limit.
+    fn output_tile_grid(
+        &self,
+        kernel: &str,
+        s: &LinearShape,
+        bm: usize,
+        bn: usize,
+    ) -> Result<(u32, u32)> {
+        let gx = u32_of(&format!("{kernel} grid x"), s.n.div_ceil(bn))?;
+        let gy = u32_of(&format!("{kernel} grid y"), s.m.div_ceil(bm))?;
         let max = self.features().max_workgroups_per_dim;
         if gx > max || gy > max {
             return Err(crate::GpuError::NotAvailable(format!(
@@ -380,7 +549,7 @@ impl GpuContext {
             },
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
-        let (gx, gy) = self.output_tile_grid("matmul", s, REG_BM)?;
+        let (gx, gy) = self.output_tile_grid("matmul", s, REG_BM, REG_BM)?;
         self.dispatch(
             encoder,
             &kernel,
@@ -516,12 +685,6 @@ impl GpuContext {
     }
 }
 
-/// Workgroup memory of the cooperative-matrix kernel: two staged slices of 128 rows of
-/// `bk + 8` halves, and a 16x16 f32 square per subgroup.
-fn coop_shared_bytes(bk: u32) -> u32 {
-    2 * COOP_BM as u32 * (bk + 8) * 2 + 8 * 256 * 4
-}
-
 fn coop_source(name: &str, bk: u32) -> Result<String> {
     render(name, MATMUL_COOP_SRC, &[("BK", bk.to_string())])
 }
@@ -581,7 +744,7 @@ fn reg_decls(w: crate::ElemStorage, vec4: bool) -> String {
 mod tests {
     use proptest::prelude::*;
 
-    use super::MatmulTile;
+    use super::{CoopVariant, MatmulTile};
     use crate::testing::{POISON, assert_close, both_ctx, cases, round_f16, values};
 
     fn reference(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
@@ -658,32 +821,126 @@ mod tests {
         }
     }
 
-    /// The software device has no cooperative matrices: check that naga accepts the tensor-core
-    /// kernel with every capability an H100 offers.
+    /// Parses, validates with every capability an H100 offers and translates to SPIR-V (the
+    /// Vulkan path). Also checks the operands of every multiply-add, which naga's validator
+    /// leaves alone: a cooperative load takes its scalar type from the pointer, so a load
+    /// through a `u32` array would silently make an integer matrix.
+    fn validate_coop(what: &str, src: &str) -> wgpu::naga::Module {
+        use wgpu::naga;
+        let module = naga::front::wgsl::parse_str(src)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+        let info = naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+        naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+            .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e:?}"));
+        let functions = module.functions.iter().map(|(h, f)| (f, &info[h])).chain(
+            (module.entry_points.iter().enumerate())
+                .map(|(i, ep)| (&ep.function, info.get_entry_point(i))),
+        );
+        let (f16, f32) = (naga::Scalar::F16, naga::Scalar::F32);
+        for (fun, fi) in functions {
+            for (_, e) in fun.expressions.iter() {
+                let naga::Expression::CooperativeMultiplyAdd { a, b, c } = *e else {
+                    continue;
+                };
+                use naga::CooperativeRole as R;
+                for (op, want_scalar, want_role) in [(a, f16, R::A), (b, f16, R::B), (c, f32, R::C)]
+                {
+                    let ty = fi[op].ty.inner_with(&module.types);
+                    assert!(
+                        matches!(*ty, naga::TypeInner::CooperativeMatrix { scalar, role, .. }
+                            if scalar == want_scalar && role == want_role),
+                        "{what}: multiply-add operand {want_role:?} is {ty:?}"
+                    );
+                }
+            }
+        }
+        module
+    }
+
+    /// The software device has no cooperative matrices: check that naga accepts every
+    /// tensor-core kernel (each variant, and the staged kernel's other K slice), and that the
+    /// workgroup size and workgroup memory the wrapper budgets for are what the WGSL declares.
     #[test]
     fn coopmat_kernel_passes_naga_validation() {
         use wgpu::naga;
         for bk in [32u32, 64] {
             let src = super::coop_source("matmul_coop", bk).unwrap();
-            let module = naga::front::wgsl::parse_str(&src)
-                .unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
-            let info = naga::valid::Validator::new(
-                naga::valid::ValidationFlags::all(),
-                naga::valid::Capabilities::all(),
-            )
-            .validate(&module)
-            .unwrap_or_else(|e| panic!("bk {bk}: {e:?}"));
-            // The Vulkan path: the module must also translate to SPIR-V.
-            naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
-                .unwrap_or_else(|e| panic!("bk {bk}: SPIR-V: {e:?}"));
+            validate_coop(&format!("staged bk {bk}"), &src);
         }
-        let module = naga::front::wgsl::parse_str(super::TO_F16_SRC).unwrap();
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::all(),
-        )
-        .validate(&module)
-        .unwrap();
+        for v in CoopVariant::ALL {
+            let name = v.key().name();
+            let module = validate_coop(&name, &v.source(&name).unwrap());
+            assert_eq!(
+                module.entry_points[0].workgroup_size,
+                [v.invocations(), 1, 1],
+                "{name}: workgroup size"
+            );
+            let shared: u32 = module
+                .global_variables
+                .iter()
+                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+                .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+                .sum();
+            assert_eq!(shared, v.shared_bytes(), "{name}: workgroup memory");
+            let (bm, bn) = v.tile();
+            assert!(bm % 128 == 0 && bn % 128 == 0, "{name}: tile {bm}x{bn}");
+        }
+        validate_coop("to_f16", super::TO_F16_SRC);
+    }
+
+    /// Every variant against the CPU on the tensor-core device: full tiles, edge tiles (`m`,
+    /// `n` not multiples of the tile, `n` not a multiple of 4 so that in-bounds tiles take the
+    /// staged store), a single K step, `k` not a multiple of 16 and fewer than 16 rows or
+    /// columns (the direct variants' fallback). Without cooperative matrices every variant
+    /// must report `NotAvailable`.
+    #[test]
+    fn coopmat_variants_match_cpu() {
+        let shapes: [(usize, usize, usize); 9] = [
+            (256, 256, 64),
+            (384, 256, 80),
+            (200, 136, 48),
+            (128, 130, 32),
+            (17, 19, 16),
+            (130, 300, 40),
+            (260, 140, 24),
+            (9, 20, 24),
+            (20, 9, 16),
+        ];
+        for c in both_ctx() {
+            for (i, &(m, n, k)) in shapes.iter().enumerate() {
+                let x = round_f16(&values(i as u64 + 11, m * k));
+                let w = round_f16(&values(i as u64 + 101, n * k));
+                let tx = c.upload_f32(&x, &[m, k]).unwrap();
+                let tw = c.upload_f32_as_f16(&w, &[n, k]).unwrap();
+                let want = reference(&x, &w, m, n, k);
+                for v in CoopVariant::ALL {
+                    let y = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
+                    c.fill_u32_pattern(&y, POISON);
+                    let mut enc = c.encoder();
+                    let r = c.matmul_coopmat_with(&mut enc, &tx, &tw, &y, v);
+                    if !c.coopmat_f16_available() {
+                        assert!(
+                            matches!(r, Err(crate::GpuError::NotAvailable(_))),
+                            "{v:?} without cooperative matrices: {r:?}"
+                        );
+                        continue;
+                    }
+                    r.unwrap();
+                    c.submit_and_wait(enc).unwrap();
+                    assert_close(
+                        &format!("coopmat {v:?} {m}x{n}x{k}"),
+                        &c.read_f32(&y).unwrap(),
+                        &want,
+                        1e-4,
+                    );
+                }
+            }
+        }
     }
 
     #[test]

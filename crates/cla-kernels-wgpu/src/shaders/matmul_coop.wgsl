@@ -171,7 +171,8 @@ fn main(
         workgroupBarrier();
     }
 
-    let full = m0 + BM <= p.m && n0 + BM <= p.n;
+    // Row-major cooperative stores need 16-byte aligned rows: n a multiple of 4.
+    let full = m0 + BM <= p.m && n0 + BM <= p.n && p.n % 4u == 0u;
     let r = m0 + sm;
     let c = n0 + sn;
     store_tile(c00, r, c, full, sg, lane);
