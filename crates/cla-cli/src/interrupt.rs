@@ -1,17 +1,16 @@
 //! Ctrl-C handling for the commands that run a model.
 //!
-//! The first Ctrl-C sets a flag; the running command sees it before its next forward step
-//! (see [`Interruptible`]), writes what it has produced and exits with code 130. A second
-//! Ctrl-C exits at once, for when a step takes too long to finish.
+//! The first Ctrl-C sets a flag. The running command polls it where it can stop cleanly
+//! (generation's streaming callback and evaluation's progress callback return
+//! `ControlFlow::Break` to `cla-model`; `bench` looks between forward steps), writes what it
+//! has produced and exits with code 130. A second Ctrl-C exits at once, for when a step takes
+//! too long to finish.
 
 use crate::failure::EXIT_INTERRUPTED;
-use cla_core::ModelConfig;
-use cla_model::{Decoder, ModelError, SequenceCache, SequenceStep};
-use ndarray::Array2;
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static REQUESTED: AtomicBool = AtomicBool::new(false);
-static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Installs the Ctrl-C handler. Failing to install it only loses the clean exit, so it is
 /// logged, not reported.
@@ -31,54 +30,11 @@ pub fn requested() -> bool {
     REQUESTED.load(Ordering::SeqCst)
 }
 
-/// Asks the running command to stop without Ctrl-C (its output was closed).
-pub fn request_stop() {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-/// Whether [`request_stop`] was called.
-pub fn stop_requested() -> bool {
-    STOP.load(Ordering::SeqCst)
-}
-
-/// A decoder that refuses to run another forward step once Ctrl-C has been pressed
-/// (or [`request_stop`] called).
-///
-/// Generation and evaluation in `cla-model` report tokens through callbacks that cannot ask
-/// them to stop; failing the next step ends them instead, and frees their sequences. The
-/// caller tells an interruption from a real failure with [`requested`] and
-/// [`stop_requested`].
-pub struct Interruptible<'a> {
-    inner: &'a mut dyn Decoder,
-}
-
-impl<'a> Interruptible<'a> {
-    /// Wraps `inner`.
-    pub fn new(inner: &'a mut dyn Decoder) -> Self {
-        Self { inner }
-    }
-}
-
-impl Decoder for Interruptible<'_> {
-    fn config(&self) -> &ModelConfig {
-        self.inner.config()
-    }
-
-    fn sequences(&self) -> &dyn SequenceCache {
-        self.inner.sequences()
-    }
-
-    fn sequences_mut(&mut self) -> &mut dyn SequenceCache {
-        self.inner.sequences_mut()
-    }
-
-    fn forward(&mut self, batch: &[SequenceStep<'_>]) -> cla_model::Result<Vec<Array2<f32>>> {
-        if requested() || stop_requested() {
-            return Err(ModelError::InvalidArgument {
-                name: "interrupted".into(),
-                message: "stopped by Ctrl-C or a closed output".into(),
-            });
-        }
-        self.inner.forward(batch)
+/// What a `cla-model` callback returns: stop once Ctrl-C has been pressed.
+pub fn control() -> ControlFlow<()> {
+    if requested() {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
     }
 }

@@ -690,6 +690,46 @@ fn ctrl_c_ends_generation_cleanly() {
     assert!(text.len() > 1 && text.ends_with('\n'), "{text:?}");
 }
 
+/// The reader of stdout goes away mid-generation (`cla generate ... | head -c 1`): cla stops
+/// generating and exits with 0, without the summary of a finished run.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_stops_generation_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let model = repo_root().join("models/small-mqa-cla2");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cla"))
+        .args(["generate", "--model", model.to_str().unwrap()])
+        .args([
+            "--ignore-eos",
+            "--max-tokens",
+            "240",
+            "--seed",
+            "3",
+            "Once upon a time",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    out.read_exact(&mut first).unwrap();
+    drop(out);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("generated tokens"), "{err}");
+    assert!(!err.contains("error"), "{err}");
+}
+
 #[test]
 fn every_command_has_help_with_examples_and_version() {
     for cmd in ["generate", "eval", "bench", "inspect", "devices", "kv"] {

@@ -3,11 +3,16 @@
 //!
 //! Works on any [`Decoder`]. The KV cache of the decoder must have room for every prompt
 //! plus its new tokens; the sequences are freed when generation ends.
+//!
+//! The streaming callback steers as well as watches: returning [`ControlFlow::Break`] ends
+//! generation cleanly (e.g. on Ctrl-C, or when the reader of the output went away), with
+//! every token the callback was shown and no other.
 
 use crate::decoder::{Decoder, SequenceId, SequenceStep};
 use crate::error::{ModelError, Result};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::{TextStream, Tokenizer};
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// How to generate.
@@ -55,6 +60,8 @@ pub enum StopReason {
     StopString(String),
     /// The sequence filled the model's context.
     ContextFull,
+    /// The streaming callback returned [`ControlFlow::Break`] before this prompt ended.
+    Stopped,
 }
 
 /// Wall-clock times of one prompt's generation. In a batch, the prefill and each decode step
@@ -122,13 +129,25 @@ pub struct TokenEvent<'a> {
     pub text: &'a str,
 }
 
-/// Generates a continuation of each text prompt, streaming through `on_token`.
+/// The streaming callback of [`generate`] and [`generate_ids`]: called with every generated
+/// token as soon as it is chosen; [`ControlFlow::Break`] stops generation.
+///
+/// After a `Break` no further token is generated or reported: tokens of the same batched
+/// step that were not yet reported are dropped, every prompt still running ends with
+/// [`StopReason::Stopped`], and the result holds exactly the tokens the callback was shown.
+/// Text held back until then (a character spelt in byte pieces, or what could begin a stop
+/// string) is still released, in one last event per prompt with `token: None`, so that the
+/// streamed text equals [`Generation::text`]; what those last events return is ignored.
+pub type OnToken<'a> = dyn FnMut(TokenEvent<'_>) -> ControlFlow<()> + 'a;
+
+/// Generates a continuation of each text prompt, streaming through `on_token` (which can
+/// stop it, see [`OnToken`]).
 pub fn generate(
     decoder: &mut dyn Decoder,
     tokenizer: &Tokenizer,
     prompts: &[&str],
     config: &GenerationConfig,
-    on_token: &mut dyn FnMut(TokenEvent<'_>),
+    on_token: &mut OnToken<'_>,
 ) -> Result<Vec<Generation>> {
     let ids = prompts
         .iter()
@@ -138,13 +157,14 @@ pub fn generate(
 }
 
 /// Generates a continuation of each prompt given as token ids. Without a tokenizer the
-/// texts are empty and stop strings are not available.
+/// texts are empty and stop strings are not available. `on_token` streams and can stop
+/// generation (see [`OnToken`]).
 pub fn generate_ids(
     decoder: &mut dyn Decoder,
     tokenizer: Option<&Tokenizer>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
-    on_token: &mut dyn FnMut(TokenEvent<'_>),
+    on_token: &mut OnToken<'_>,
 ) -> Result<Vec<Generation>> {
     config.sampling.validate()?;
     if tokenizer.is_none() && !config.stop_strings.is_empty() {
@@ -199,7 +219,11 @@ pub fn generate_ids(
         context,
     };
 
-    let result = run(decoder, tokenizer, &mut states, &rules, on_token);
+    let mut stream = Stream {
+        on_token,
+        stop: false,
+    };
+    let result = run(decoder, tokenizer, &mut states, &rules, &mut stream);
     // Free every sequence, whatever happened.
     let mut free_error = None;
     for s in &mut states {
@@ -263,6 +287,20 @@ struct PromptState {
     done: bool,
 }
 
+/// The callback, and whether it has asked to stop.
+struct Stream<'a, 'b> {
+    on_token: &'a mut OnToken<'b>,
+    stop: bool,
+}
+
+impl Stream<'_, '_> {
+    fn emit(&mut self, event: TokenEvent<'_>) {
+        if (self.on_token)(event).is_break() {
+            self.stop = true;
+        }
+    }
+}
+
 struct StopRules<'a> {
     stop_tokens: Vec<u32>,
     stop_strings: &'a [String],
@@ -275,7 +313,7 @@ fn run(
     tokenizer: Option<&Tokenizer>,
     states: &mut [PromptState],
     rules: &StopRules<'_>,
-    on_token: &mut dyn FnMut(TokenEvent<'_>),
+    stream: &mut Stream<'_, '_>,
 ) -> Result<()> {
     // Prefill: every prompt in one batch.
     let active: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
@@ -304,7 +342,10 @@ fn run(
         let token = s
             .sampler
             .sample(l.row(0).as_slice().expect("contiguous"), &s.history);
-        accept(i, s, token, tokenizer, rules, on_token)?;
+        accept(i, s, token, tokenizer, rules, stream)?;
+        if stream.stop {
+            return stop_all(states, tokenizer, stream);
+        }
     }
 
     // Decode: one batched step per new token, over the prompts still running.
@@ -343,9 +384,26 @@ fn run(
             let s = &mut states[i];
             s.generation.timings.decode_seconds += seconds;
             s.generation.timings.decode_tokens += 1;
-            accept(i, s, token, tokenizer, rules, on_token)?;
+            accept(i, s, token, tokenizer, rules, stream)?;
+            if stream.stop {
+                return stop_all(states, tokenizer, stream);
+            }
         }
     }
+}
+
+/// Ends every prompt still running after the callback asked to stop.
+fn stop_all(
+    states: &mut [PromptState],
+    tokenizer: Option<&Tokenizer>,
+    stream: &mut Stream<'_, '_>,
+) -> Result<()> {
+    for (i, s) in states.iter_mut().enumerate() {
+        if !s.done {
+            finish(i, s, StopReason::Stopped, tokenizer, stream)?;
+        }
+    }
+    Ok(())
 }
 
 /// Records a sampled token, streams its text and decides whether the prompt is done.
@@ -355,17 +413,17 @@ fn accept(
     token: u32,
     tokenizer: Option<&Tokenizer>,
     rules: &StopRules<'_>,
-    on_token: &mut dyn FnMut(TokenEvent<'_>),
+    stream: &mut Stream<'_, '_>,
 ) -> Result<()> {
     s.generation.ids.push(token);
     s.history.push(token);
     if rules.stop_tokens.contains(&token) {
-        on_token(TokenEvent {
+        stream.emit(TokenEvent {
             prompt: index,
             token: Some(token),
             text: "",
         });
-        return finish(index, s, StopReason::StopToken(token), tokenizer, on_token);
+        return finish(index, s, StopReason::StopToken(token), tokenizer, stream);
     }
     if let Some(tok) = tokenizer {
         let piece = s.stream.push(tok, token)?;
@@ -373,7 +431,7 @@ fn accept(
     }
     if let Some(stop) = cut_at_stop_string(&mut s.generation.text, rules.stop_strings) {
         let released = &s.generation.text[s.emitted..];
-        on_token(TokenEvent {
+        stream.emit(TokenEvent {
             prompt: index,
             token: Some(token),
             text: released,
@@ -384,7 +442,7 @@ fn accept(
         return Ok(());
     }
     let safe = safe_to_release(&s.generation.text, rules.stop_strings).max(s.emitted);
-    on_token(TokenEvent {
+    stream.emit(TokenEvent {
         prompt: index,
         token: Some(token),
         text: &s.generation.text[s.emitted..safe],
@@ -392,10 +450,10 @@ fn accept(
     s.emitted = safe;
     let held = s.generation.prompt_ids.len() + s.generation.ids.len();
     if s.generation.ids.len() >= rules.max_new_tokens {
-        finish(index, s, StopReason::MaxNewTokens, tokenizer, on_token)
+        finish(index, s, StopReason::MaxNewTokens, tokenizer, stream)
     } else if held >= rules.context {
         // The new token would need position `context` to be fed back.
-        finish(index, s, StopReason::ContextFull, tokenizer, on_token)
+        finish(index, s, StopReason::ContextFull, tokenizer, stream)
     } else {
         Ok(())
     }
@@ -407,14 +465,14 @@ fn finish(
     s: &mut PromptState,
     reason: StopReason,
     tokenizer: Option<&Tokenizer>,
-    on_token: &mut dyn FnMut(TokenEvent<'_>),
+    stream: &mut Stream<'_, '_>,
 ) -> Result<()> {
     if let Some(tok) = tokenizer {
         let rest = s.stream.finish(tok)?;
         s.generation.text.push_str(&rest);
     }
     if s.emitted < s.generation.text.len() {
-        on_token(TokenEvent {
+        stream.emit(TokenEvent {
             prompt: index,
             token: None,
             text: &s.generation.text[s.emitted..],

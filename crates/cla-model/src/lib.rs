@@ -12,18 +12,23 @@
 //! - [`ops`]: RMSNorm, RoPE, the linear layer, SiLU, softmax.
 //! - [`decoder`]: the [`Decoder`] trait every backend implements: sequences in a paged
 //!   cache and a batched forward step.
-//! - [`sampling`], [`generate`]: choosing tokens and batched generation with streaming.
+//! - [`sampling`], [`generate`]: choosing tokens and batched generation with streaming (the
+//!   streaming callback can stop it).
 //! - [`perplexity`]: sliding-window perplexity (the metric of the paper's Table 1).
 //!
 //! ```no_run
 //! use cla_model::{CpuDecoder, GenerationConfig, LoadedModel, cache_config_for, generate};
 //! use cla_kv::KvDType;
+//! use std::ops::ControlFlow;
 //!
 //! let model = LoadedModel::load("models/stories260K")?;
 //! let context = model.weights.config.max_position_embeddings;
 //! let mut decoder = CpuDecoder::new(model.weights, cache_config_for(context, 1, KvDType::F32))?;
 //! let out = generate(&mut decoder, &model.tokenizer, &["Once upon a time"],
-//!                    &GenerationConfig::default(), &mut |ev| print!("{}", ev.text))?;
+//!                    &GenerationConfig::default(), &mut |ev| {
+//!                        print!("{}", ev.text);
+//!                        ControlFlow::Continue(()) // Break(()) would stop here
+//!                    })?;
 //! println!("\n{:?}", out[0].stop_reason);
 //! # Ok::<(), cla_model::ModelError>(())
 //! ```
@@ -44,7 +49,8 @@ pub use cpu::{CpuDecoder, CpuDecoderOptions, cache_config_for};
 pub use decoder::{Decoder, LogitsWanted, SequenceCache, SequenceId, SequenceStep};
 pub use error::{ModelError, Result};
 pub use generate::{
-    Generation, GenerationConfig, GenerationTimings, StopReason, TokenEvent, generate, generate_ids,
+    Generation, GenerationConfig, GenerationTimings, OnToken, StopReason, TokenEvent, generate,
+    generate_ids,
 };
 pub use gpu::{GpuDecoder, GpuDecoderOptions, GpuKvStorage, GpuWeightDType};
 pub use perplexity::{

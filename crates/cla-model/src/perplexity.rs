@@ -17,6 +17,7 @@
 use crate::decoder::{Decoder, SequenceStep};
 use crate::error::{ModelError, Result};
 use crate::tokenizer::Tokenizer;
+use std::ops::ControlFlow;
 
 /// Window settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -62,6 +63,9 @@ pub struct PerplexityReport {
     pub context: usize,
     /// Stride used.
     pub stride: usize,
+    /// Whether the progress callback stopped the evaluation before its last window; the
+    /// figures then cover the windows evaluated until then.
+    pub stopped: bool,
 }
 
 /// The windows for `len` tokens (see the module docs). Windows that would score nothing
@@ -107,20 +111,22 @@ pub fn perplexity(
     tokenizer: &Tokenizer,
     text: &str,
     config: PerplexityConfig,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<PerplexityReport> {
     let ids = tokenizer.encode(text, false)?;
     perplexity_of_ids(decoder, &ids, config, progress)
 }
 
 /// Perplexity of a token sequence. `progress(scored, total)` is called after each window
-/// with the tokens scored so far and the tokens that will be scored in all. The decoder's
-/// cache must hold one window (`context` positions).
+/// with the tokens scored so far and the tokens that will be scored in all; returning
+/// [`ControlFlow::Break`] stops the evaluation there, with a report of the windows
+/// evaluated so far ([`PerplexityReport::stopped`]). The decoder's cache must hold one
+/// window (`context` positions).
 pub fn perplexity_of_ids(
     decoder: &mut dyn Decoder,
     ids: &[u32],
     config: PerplexityConfig,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<PerplexityReport> {
     let model = decoder.config();
     let max = model.max_position_embeddings;
@@ -149,6 +155,7 @@ pub fn perplexity_of_ids(
     let total: usize = windows.iter().map(Window::scored).sum();
     let mut nll_sum = 0.0f64;
     let mut scored = 0;
+    let mut evaluated = 0;
     for w in &windows {
         let seq = decoder.add_sequence();
         let result = decoder.forward(&[SequenceStep::all(seq, &ids[w.begin..w.end])]);
@@ -162,7 +169,10 @@ pub fn perplexity_of_ids(
                 negative_log_likelihood(row.as_slice().expect("contiguous"), target as usize);
         }
         scored += w.scored();
-        progress(scored, total);
+        evaluated += 1;
+        if progress(scored, total).is_break() {
+            break;
+        }
     }
     let mean_nll = nll_sum / scored as f64;
     Ok(PerplexityReport {
@@ -170,9 +180,10 @@ pub fn perplexity_of_ids(
         perplexity: mean_nll.exp(),
         tokens_scored: scored,
         total_tokens: ids.len(),
-        windows: windows.len(),
+        windows: evaluated,
         context,
         stride,
+        stopped: evaluated < windows.len(),
     })
 }
 

@@ -16,6 +16,7 @@ use cla_model::{
 };
 use common::stories260k::{golden, golden_logits, ids, model_dir};
 use serde_json::Value;
+use std::ops::ControlFlow;
 
 fn load() -> (LoadedModel, CpuDecoder) {
     let model = LoadedModel::load(model_dir()).unwrap();
@@ -88,7 +89,8 @@ fn conformance_stories260k_greedy_continuations() {
     let mut streamed = vec![String::new(); prompts.len()];
     // All three prompts in one batch.
     let out = generate(&mut decoder, &model.tokenizer, &texts, &config, &mut |ev| {
-        streamed[ev.prompt].push_str(ev.text)
+        streamed[ev.prompt].push_str(ev.text);
+        ControlFlow::Continue(())
     })
     .unwrap();
     for (i, (p, generation)) in prompts.iter().zip(&out).enumerate() {
@@ -164,6 +166,7 @@ fn conformance_stories260k_perplexity_matches_golden_logits() {
         &mut |done, total| {
             calls += 1;
             assert!(done <= total);
+            ControlFlow::Continue(())
         },
     )
     .unwrap();
@@ -185,7 +188,7 @@ fn conformance_stories260k_perplexity_matches_golden_logits() {
             context: Some(8),
             stride: Some(3),
         },
-        &mut |_, _| {},
+        &mut |_, _| ControlFlow::Continue(()),
     )
     .unwrap();
     assert_eq!(report.tokens_scored, 15);

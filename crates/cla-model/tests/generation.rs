@@ -10,7 +10,11 @@ use cla_model::{
     StopReason, Tokenizer, cache_config_for, generate, generate_ids, perplexity, perplexity_of_ids,
 };
 use common::{naive, small_config, temp_dir, write_word_tokenizer};
+use std::ops::ControlFlow;
 use std::sync::Arc;
+
+/// What a callback returns to let generation or evaluation go on.
+const GO_ON: ControlFlow<()> = ControlFlow::Continue(());
 
 fn model() -> (Arc<ModelWeights>, Tokenizer) {
     // CLA3 on 5 layers (groups {0,1}, {2,3,4}), MQA, tied.
@@ -49,7 +53,8 @@ fn same_seed_same_text_and_streaming_equals_the_result() {
         let mut dec = decoder(&w, 2);
         let mut streamed = vec![String::new(); 2];
         let out = generate(&mut dec, &tok, &prompts, &sampled(seed), &mut |ev| {
-            streamed[ev.prompt].push_str(ev.text)
+            streamed[ev.prompt].push_str(ev.text);
+            GO_ON
         })
         .unwrap();
         for (o, s) in out.iter().zip(&streamed) {
@@ -83,14 +88,14 @@ fn batched_greedy_equals_one_prompt_at_a_time() {
         stop_at_eos: false,
         ..GenerationConfig::default()
     };
-    let together = generate_ids(&mut decoder(&w, 3), None, &prompts, &cfg, &mut |_| {}).unwrap();
+    let together = generate_ids(&mut decoder(&w, 3), None, &prompts, &cfg, &mut |_| GO_ON).unwrap();
     for (p, t) in prompts.iter().zip(&together) {
         let alone = generate_ids(
             &mut decoder(&w, 1),
             None,
             std::slice::from_ref(p),
             &cfg,
-            &mut |_| {},
+            &mut |_| GO_ON,
         )
         .unwrap();
         assert_eq!(alone[0].ids, t.ids);
@@ -114,7 +119,7 @@ fn stop_tokens_stop_strings_and_context_end_generation() {
         stop_at_eos: false,
         ..GenerationConfig::default()
     };
-    let free = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &base, &mut |_| {}).unwrap();
+    let free = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &base, &mut |_| GO_ON).unwrap();
     let ids = &free[0].ids;
 
     // Stop at the third generated token, treated as EOS.
@@ -122,7 +127,7 @@ fn stop_tokens_stop_strings_and_context_end_generation() {
         stop_token_ids: vec![ids[2]],
         ..base.clone()
     };
-    let out = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &cfg, &mut |_| {}).unwrap();
+    let out = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &cfg, &mut |_| GO_ON).unwrap();
     let first = ids.iter().position(|&t| t == ids[2]).unwrap();
     assert_eq!(out[0].stop_reason, StopReason::StopToken(ids[2]));
     assert_eq!(out[0].ids, ids[..=first]);
@@ -135,7 +140,8 @@ fn stop_tokens_stop_strings_and_context_end_generation() {
     };
     let mut streamed = String::new();
     let out = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &cfg, &mut |ev| {
-        streamed.push_str(ev.text)
+        streamed.push_str(ev.text);
+        GO_ON
     })
     .unwrap();
     assert_eq!(out[0].stop_reason, StopReason::StopString(piece.clone()));
@@ -145,7 +151,7 @@ fn stop_tokens_stop_strings_and_context_end_generation() {
 
     // The context (64) ends a long prompt's generation.
     let prompt: Vec<u32> = (0..60).map(|i| 3 + i % 30).collect();
-    let out = generate_ids(&mut decoder(&w, 1), None, &[prompt], &base, &mut |_| {}).unwrap();
+    let out = generate_ids(&mut decoder(&w, 1), None, &[prompt], &base, &mut |_| GO_ON).unwrap();
     assert_eq!(out[0].stop_reason, StopReason::ContextFull);
     assert_eq!(out[0].ids.len(), 4);
 }
@@ -182,7 +188,8 @@ fn perplexity_matches_the_naive_reference_for_any_stride() {
             stride: Some(stride),
         };
         let r = perplexity(&mut decoder(&w, 1), &tok, &text, cfg, &mut |a, b| {
-            last = (a, b)
+            last = (a, b);
+            GO_ON
         })
         .unwrap();
         assert_eq!(r.tokens_scored, count);
@@ -195,11 +202,121 @@ fn perplexity_matches_the_naive_reference_for_any_stride() {
     }
     let mut dec = decoder(&w, 1);
     assert!(
-        perplexity_of_ids(&mut dec, &[5], PerplexityConfig::default(), &mut |_, _| {}).is_err()
+        perplexity_of_ids(&mut dec, &[5], PerplexityConfig::default(), &mut |_, _| {
+            GO_ON
+        })
+        .is_err()
     );
     let too_long = PerplexityConfig {
         context: Some(65),
         stride: None,
     };
-    assert!(perplexity_of_ids(&mut dec, &ids, too_long, &mut |_, _| {}).is_err());
+    assert!(perplexity_of_ids(&mut dec, &ids, too_long, &mut |_, _| GO_ON).is_err());
+}
+
+#[test]
+fn a_callback_that_stops_after_n_tokens_gets_exactly_n() {
+    let (w, tok) = model();
+    let greedy = GenerationConfig {
+        max_new_tokens: 20,
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    for cfg in [greedy, sampled(3)] {
+        let free = generate(&mut decoder(&w, 1), &tok, &["w4 w8"], &cfg, &mut |_| GO_ON).unwrap();
+        for n in 1..=5 {
+            let mut dec = decoder(&w, 1);
+            let (mut shown, mut streamed) = (0, String::new());
+            let out = generate(&mut dec, &tok, &["w4 w8"], &cfg, &mut |ev| {
+                streamed.push_str(ev.text);
+                if ev.token.is_some() {
+                    assert!(shown < n, "a token after Break");
+                    shown += 1;
+                }
+                if shown == n {
+                    ControlFlow::Break(())
+                } else {
+                    GO_ON
+                }
+            })
+            .unwrap();
+            let g = &out[0];
+            assert_eq!(g.ids, free[0].ids[..n], "n = {n}");
+            assert_eq!(g.stop_reason, StopReason::Stopped);
+            assert_eq!(g.timings.decode_tokens, n - 1);
+            assert_eq!(streamed, g.text);
+            assert!(free[0].text.starts_with(&g.text));
+            assert_eq!(dec.kv_bytes_in_use(), 0, "the sequence is freed");
+        }
+    }
+
+    // A batch: the callback counts the tokens of every prompt and stops at the n-th; the
+    // prompts together hold exactly n, each a prefix of what it generates alone.
+    let prompts = ["w5 w6 w7", "w9"];
+    let free = generate(
+        &mut decoder(&w, 2),
+        &tok,
+        &prompts,
+        &sampled(7),
+        &mut |_| GO_ON,
+    )
+    .unwrap();
+    for n in [1, 2, 3, 8] {
+        let mut shown = 0;
+        let out = generate(
+            &mut decoder(&w, 2),
+            &tok,
+            &prompts,
+            &sampled(7),
+            &mut |ev| {
+                shown += usize::from(ev.token.is_some());
+                if shown == n {
+                    ControlFlow::Break(())
+                } else {
+                    GO_ON
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(out.iter().map(|g| g.ids.len()).sum::<usize>(), n);
+        for (g, f) in out.iter().zip(&free) {
+            assert_eq!(g.ids, f.ids[..g.ids.len()]);
+            assert_eq!(g.stop_reason, StopReason::Stopped);
+        }
+    }
+}
+
+#[test]
+fn a_progress_callback_can_stop_perplexity_after_a_window() {
+    let (w, tok) = model();
+    let text: String = (0..50).map(|i| format!("w{} ", 3 + (i * 7) % 37)).collect();
+    let ids = tok.encode(&text, false).unwrap();
+    let cfg = PerplexityConfig {
+        context: Some(16),
+        stride: Some(16),
+    };
+    let mut calls = 0;
+    let stopped = perplexity_of_ids(&mut decoder(&w, 1), &ids, cfg, &mut |_, _| {
+        calls += 1;
+        ControlFlow::Break(())
+    })
+    .unwrap();
+    assert_eq!(calls, 1);
+    assert!(stopped.stopped);
+    assert_eq!((stopped.windows, stopped.tokens_scored), (1, 15));
+    // The first window alone, evaluated whole.
+    let first = perplexity_of_ids(&mut decoder(&w, 1), &ids[..16], cfg, &mut |_, _| GO_ON).unwrap();
+    assert!(!first.stopped);
+    assert_eq!(stopped.mean_nll, first.mean_nll);
+    // Stopping at the last window stops nothing.
+    let all = perplexity_of_ids(&mut decoder(&w, 1), &ids, cfg, &mut |done, total| {
+        if done == total {
+            ControlFlow::Break(())
+        } else {
+            GO_ON
+        }
+    })
+    .unwrap();
+    assert!(!all.stopped);
+    assert_eq!((all.windows, all.tokens_scored), (4, 46));
 }

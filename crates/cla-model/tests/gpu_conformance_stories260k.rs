@@ -16,6 +16,7 @@ use cla_model::{
 use common::max_abs_diff;
 use common::stories260k::{golden, golden_logits, ids, model_dir};
 use serde_json::Value;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 fn load() -> (LoadedModel, GpuDecoder) {
@@ -72,7 +73,10 @@ fn gpu_conformance_stories260k_greedy_continuations() {
         ..GenerationConfig::default()
     };
     // All prompts in one batch.
-    let out = generate(&mut decoder, &model.tokenizer, &texts, &config, &mut |_| {}).unwrap();
+    let out = generate(&mut decoder, &model.tokenizer, &texts, &config, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
     for (i, (p, generation)) in prompts.iter().zip(&out).enumerate() {
         let new_ids = ids(&p["new_ids"]);
         let robust = p["robust_prefix_len"].as_u64().unwrap() as usize;

@@ -19,6 +19,7 @@ use cla_model::{
 use common::{max_abs_diff, small_config};
 use ndarray::Array2;
 use proptest::prelude::*;
+use std::ops::ControlFlow;
 use std::sync::{Arc, OnceLock};
 
 const TOL: f32 = 1e-4;
@@ -246,8 +247,14 @@ fn greedy_generation_gives_the_cpu_tokens() {
         stop_at_eos: false,
         ..GenerationConfig::default()
     };
-    let a = generate_ids(&mut cpu, None, &prompts, &config, &mut |_| {}).unwrap();
-    let b = generate_ids(&mut gpu, None, &prompts, &config, &mut |_| {}).unwrap();
+    let a = generate_ids(&mut cpu, None, &prompts, &config, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let b = generate_ids(&mut gpu, None, &prompts, &config, &mut |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
     for (i, (a, b)) in a.iter().zip(&b).enumerate() {
         assert_eq!(a.ids, b.ids, "prompt {i}");
         assert_eq!(a.kv_bytes, b.kv_bytes);

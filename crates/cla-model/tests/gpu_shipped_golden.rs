@@ -11,6 +11,7 @@ use cla_model::{
     cache_config_for, generate_ids,
 };
 use serde_json::Value;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -179,7 +180,7 @@ fn check(name: &str, decoder: &mut dyn Decoder, backend: &str) {
         None,
         std::slice::from_ref(&g.prompt_ids),
         &config,
-        &mut |_| {},
+        &mut |_| ControlFlow::Continue(()),
     )
     .unwrap();
     assert_eq!(

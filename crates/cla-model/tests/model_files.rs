@@ -12,6 +12,7 @@ use cla_model::{
 use common::{small_config, temp_dir, write_word_tokenizer};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::path::Path;
 
 /// CLA2 on 4 layers (producers 0 and 2), GQA, untied, with K/V norms.
@@ -335,7 +336,7 @@ fn bad_prompts_are_typed_errors() {
         max_new_tokens: 4,
         ..GenerationConfig::default()
     };
-    let mut sink = |_: cla_model::TokenEvent<'_>| {};
+    let mut sink = |_: cla_model::TokenEvent<'_>| ControlFlow::Continue(());
 
     let e = generate_ids(&mut dec, None, &[vec![]], &cfg, &mut sink).unwrap_err();
     assert!(matches!(e, ModelError::EmptyPrompt), "{e}");

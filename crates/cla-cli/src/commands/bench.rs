@@ -4,7 +4,7 @@
 
 use super::model::{self, DeviceChoice};
 use crate::failure::{self, CliError, CliResult};
-use crate::interrupt::{self, Interruptible};
+use crate::interrupt;
 use cla_core::memory::{kv_bytes_for_batch, kv_bytes_per_token};
 use cla_core::{ByteSize, ConfigError, DType, ModelConfig, ParamCount, ParamOptions, presets};
 use cla_kv::KvDType;
@@ -220,15 +220,20 @@ pub fn run(args: &BenchArgs) -> CliResult {
             let decode = (args.decode as usize).min(context - 1);
             let prompt = context - decode;
             let cache = cache_config_for(context, batch, args.kv_dtype);
+            if interrupt::requested() {
+                return Err(CliError::Interrupted);
+            }
             let mut chosen = model::make_decoder(&args.device, Arc::clone(&weights), cache)?;
             device = chosen.device.clone();
-            let mut decoder = Interruptible::new(chosen.decoder.as_mut());
+            let decoder = chosen.decoder.as_mut();
             if !warmed_up {
-                warm_up(&mut decoder, &mut rng).map_err(bench_error)?;
+                warm_up(decoder, &mut rng)?;
                 warmed_up = true;
             }
             log::info!("batch {batch}, context {context}: prefill {prompt}, decode {decode}");
-            let row = cell(&mut decoder, &mut rng, batch, prompt, decode).map_err(bench_error)?;
+            let Some(row) = cell(decoder, &mut rng, batch, prompt, decode)? else {
+                return Err(CliError::Interrupted);
+            };
             rows.push(Row {
                 batch,
                 context,
@@ -259,14 +264,6 @@ pub fn run(args: &BenchArgs) -> CliResult {
         render(&out)
     };
     failure::print(&text)
-}
-
-fn bench_error(e: cla_model::ModelError) -> CliError {
-    if interrupt::requested() {
-        CliError::Interrupted
-    } else {
-        CliError::from(e)
-    }
 }
 
 /// The model named by the flags.
@@ -375,14 +372,14 @@ fn random_ids(rng: &mut SplitMix64, vocab: usize, n: usize) -> Vec<u32> {
 }
 
 /// One cell of the grid: prefill `prompt` tokens in each of `batch` sequences, then `decode`
-/// batched steps.
+/// batched steps; `None` when Ctrl-C stopped it between two steps.
 fn cell(
     decoder: &mut dyn Decoder,
     rng: &mut SplitMix64,
     batch: usize,
     prompt: usize,
     decode: usize,
-) -> cla_model::Result<Row> {
+) -> cla_model::Result<Option<Row>> {
     let vocab = decoder.config().vocab_size;
     let seqs: Vec<_> = (0..batch).map(|_| decoder.add_sequence()).collect();
     let result = (|| {
@@ -397,6 +394,9 @@ fn cell(
         let prefill_seconds = started.elapsed().as_secs_f64();
         let mut decode_seconds = 0.0;
         for _ in 0..decode {
+            if interrupt::requested() {
+                return Ok(None);
+            }
             let next = random_ids(rng, vocab, batch);
             let steps: Vec<SequenceStep<'_>> = seqs
                 .iter()
@@ -409,7 +409,7 @@ fn cell(
         }
         let peak_kv_bytes = decoder.kv_bytes_in_use();
         let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-        Ok(Row {
+        Ok(Some(Row {
             batch,
             context: prompt + decode,
             prompt_tokens: prompt,
@@ -424,7 +424,7 @@ fn cell(
                 0.0
             },
             peak_kv_bytes,
-        })
+        }))
     })();
     for s in seqs {
         decoder.free_sequence(s)?;

@@ -3,7 +3,7 @@
 
 use super::model::{self, DeviceChoice};
 use crate::failure::{self, CliError, CliResult};
-use crate::interrupt::{self, Interruptible};
+use crate::interrupt;
 use cla_kv::KvDType;
 use cla_model::{ModelError, PerplexityConfig, cache_config_for, perplexity_of_ids};
 use clap::Args;
@@ -148,15 +148,15 @@ pub fn run(args: &EvalArgs) -> CliResult {
     });
     let started = Instant::now();
     let result = {
-        let mut decoder = Interruptible::new(chosen.decoder.as_mut());
         let mut progress = |scored: usize, total: usize| {
             if let Some(bar) = &bar {
                 bar.set_length(total as u64);
                 bar.set_position(scored as u64);
             }
+            interrupt::control()
         };
         perplexity_of_ids(
-            &mut decoder,
+            chosen.decoder.as_mut(),
             &ids,
             PerplexityConfig {
                 context: Some(context),
@@ -170,8 +170,8 @@ pub fn run(args: &EvalArgs) -> CliResult {
         bar.finish_and_clear();
     }
     let report = match result {
+        Ok(r) if r.stopped => return Err(CliError::Interrupted),
         Ok(r) => r,
-        Err(_) if interrupt::requested() => return Err(CliError::Interrupted),
         Err(ModelError::InvalidArgument { name, message }) => {
             return Err(CliError::user(format!("--{name}: {message}")));
         }

@@ -3,7 +3,7 @@
 
 use super::model::{self, DeviceChoice};
 use crate::failure::{CliError, CliResult};
-use crate::interrupt::{self, Interruptible};
+use crate::interrupt;
 use cla_core::ByteSize;
 use cla_kv::KvDType;
 use cla_model::{
@@ -13,6 +13,7 @@ use cla_model::{
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 use std::io::{IsTerminal, Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -192,13 +193,6 @@ enum Source {
     Ids(Vec<u32>),
 }
 
-/// What the streaming callback has seen of each prompt (kept for an interrupted run).
-#[derive(Debug, Clone, Default)]
-struct Seen {
-    ids: Vec<u32>,
-    text: String,
-}
-
 /// Runs `cla generate`.
 pub fn run(args: &GenerateArgs) -> CliResult {
     let sampling = sampling_config(args)?;
@@ -261,33 +255,30 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     {
         out.write(text);
     }
-    let mut seen = vec![Seen::default(); prompts.len()];
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let started = Instant::now();
     let result = {
-        let mut decoder = Interruptible::new(chosen.decoder.as_mut());
+        let mut streamed_ids = 0;
+        // Streams a single prompt; stops generation on Ctrl-C or when stdout is closed.
         let mut on_token = |ev: TokenEvent<'_>| {
-            let s = &mut seen[ev.prompt];
-            s.text.push_str(ev.text);
-            if let Some(t) = ev.token {
-                s.ids.push(t);
-            }
             if single {
                 match (mode, ev.token) {
                     (Mode::Text, _) => out.write(ev.text),
                     (Mode::Ids, Some(t)) => {
-                        let sep = if s.ids.len() > 1 { " " } else { "" };
+                        let sep = if streamed_ids > 0 { " " } else { "" };
                         out.write(&format!("{sep}{t}"));
+                        streamed_ids += 1;
                     }
                     _ => {}
                 }
                 if out.closed {
-                    interrupt::request_stop();
+                    return ControlFlow::Break(());
                 }
             }
+            interrupt::control()
         };
         generate_ids(
-            &mut decoder,
+            chosen.decoder.as_mut(),
             Some(&tokenizer),
             &ids,
             &gen_config,
@@ -298,6 +289,35 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     let model_name = dir.display().to_string();
     let seed = sampling.seed;
     match result {
+        Ok(generations)
+            if generations
+                .iter()
+                .any(|g| g.stop_reason == StopReason::Stopped) =>
+        {
+            if !interrupt::requested() {
+                // The reader of stdout went away (`| head`): nothing more to say.
+                return Ok(());
+            }
+            finish_output(
+                &mut out,
+                mode,
+                single,
+                &prompts,
+                &generations,
+                &chosen.device,
+                seed,
+                &model_name,
+            )?;
+            let generated: usize = generations.iter().map(|g| g.ids.len()).sum();
+            if !args.quiet {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "interrupted after {generated} generated tokens ({wall:.2}s)"
+                );
+            }
+            out.check()?;
+            Err(CliError::Interrupted)
+        }
         Ok(generations) => {
             finish_output(
                 &mut out,
@@ -313,32 +333,6 @@ pub fn run(args: &GenerateArgs) -> CliResult {
                 summary(&generations, wall, &chosen.device, &sampling);
             }
             out.check()
-        }
-        Err(e) if interrupt::requested() || interrupt::stop_requested() => {
-            if !interrupt::requested() {
-                // The reader of stdout went away (`| head`): nothing more to say.
-                return Ok(());
-            }
-            finish_interrupted(
-                &mut out,
-                mode,
-                single,
-                &prompts,
-                &seen,
-                &chosen.device,
-                seed,
-                &model_name,
-            );
-            log::debug!("generation ended by: {e}");
-            let generated: usize = seen.iter().map(|s| s.ids.len()).sum();
-            if !args.quiet {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "interrupted after {generated} generated tokens ({wall:.2}s)"
-                );
-            }
-            out.check()?;
-            Err(CliError::Interrupted)
         }
         Err(e) => Err(generation_error(e)),
     }
@@ -665,6 +659,7 @@ fn stop_fields(reason: &StopReason) -> (&'static str, Option<u32>, Option<&str>)
         StopReason::StopToken(t) => ("eos", Some(*t), None),
         StopReason::StopString(s) => ("stop_string", None, Some(s.as_str())),
         StopReason::ContextFull => ("context_full", None, None),
+        StopReason::Stopped => ("interrupted", None, None),
     }
 }
 
@@ -741,54 +736,6 @@ fn finish_output(
         out.end_line();
     }
     Ok(())
-}
-
-/// Writes what an interrupted run produced: the streamed output is ended; a batch's texts
-/// and JSON lines are printed from what the callback saw.
-#[allow(clippy::too_many_arguments)]
-fn finish_interrupted(
-    out: &mut Output,
-    mode: Mode,
-    single: bool,
-    prompts: &[Prompt],
-    seen: &[Seen],
-    device: &str,
-    seed: u64,
-    model_name: &str,
-) {
-    for (i, (p, s)) in prompts.iter().zip(seen).enumerate() {
-        match mode {
-            Mode::Json => out.write(&json_line(&JsonGeneration {
-                index: i,
-                line: p.line,
-                prompt: p.text.as_deref(),
-                prompt_ids: &p.ids,
-                truncated_tokens: 0,
-                text: &s.text,
-                ids: &s.ids,
-                stop_reason: "interrupted",
-                stop_token: None,
-                stop_string: None,
-                prompt_tokens: p.ids.len(),
-                generated_tokens: s.ids.len(),
-                timings: None,
-                kv_bytes: None,
-                seed,
-                device,
-                model: model_name,
-            })),
-            _ if single => out.end_line(),
-            Mode::Ids => {
-                let line: Vec<String> = s.ids.iter().map(u32::to_string).collect();
-                out.write(&format!("{}\n", line.join(" ")));
-            }
-            Mode::Text => {
-                out.write(&header(i, p));
-                out.write(&s.text);
-                out.end_line();
-            }
-        }
-    }
 }
 
 /// The summary line on stderr.
