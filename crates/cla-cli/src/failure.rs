@@ -76,15 +76,35 @@ impl From<cla_model::ModelError> for CliError {
             | M::ContextExceeded { .. }
             | M::Cache(_) => CliError::Internal(e.to_string()),
             // No adapter, an unmatched --device or a feature the adapter lacks: the user
-            // picks another device. A failing device or shader is a bug (or a driver's).
-            M::Gpu(ref g) => match g {
-                cla_kernels_wgpu::GpuError::NoAdapter { .. }
-                | cla_kernels_wgpu::GpuError::InvalidSelector(_)
-                | cla_kernels_wgpu::GpuError::NotAvailable(_) => CliError::User(e.to_string()),
-                _ => CliError::Internal(e.to_string()),
+            // installs a driver or picks another device. A failing device or shader is a bug
+            // (or a driver's).
+            M::Gpu(ref g) => match gpu_fix(g) {
+                Some(fix) => CliError::User(format!(
+                    "{}; {fix}",
+                    e.to_string().trim_end().trim_end_matches('.')
+                )),
+                None => CliError::Internal(e.to_string()),
             },
             other => CliError::User(other.to_string()),
         }
+    }
+}
+
+/// What the user can do about a GPU error, or `None` when it is not theirs to fix.
+fn gpu_fix(e: &cla_kernels_wgpu::GpuError) -> Option<&'static str> {
+    use cla_kernels_wgpu::GpuError as G;
+    match e {
+        G::NoAdapter { .. } => Some(
+            "install a Vulkan driver (then `cla devices` lists its adapters), or use --device cpu",
+        ),
+        G::InvalidSelector(_) => Some(
+            "name an adapter from `cla devices` (--device gpu:INDEX or gpu:NAME), or use \
+             --device cpu",
+        ),
+        G::NotAvailable(_) => {
+            Some("pick another adapter (`cla devices` lists them), or use --device cpu")
+        }
+        _ => None,
     }
 }
 
@@ -175,6 +195,54 @@ pub fn clap_failure(error: clap::Error, subcommand: Option<&str>) -> ExitCode {
             };
             let message = format!("{}; see `{help}`", parts.join(" "));
             report(&CliError::User(message))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cla_kernels_wgpu::GpuError;
+    use cla_model::ModelError;
+
+    fn from_gpu(e: GpuError) -> CliError {
+        CliError::from(ModelError::Gpu(e))
+    }
+
+    #[test]
+    fn gpu_errors_the_user_can_fix_exit_1_and_say_how() {
+        let no_adapter = from_gpu(GpuError::NoAdapter {
+            selector: "name contains \"x\"".into(),
+            found: vec!["0: llvmpipe (Vulkan, Cpu)".into()],
+            hint: "Install a driver.",
+        });
+        assert_eq!(no_adapter.code(), EXIT_USER);
+        let m = no_adapter.to_string();
+        assert!(m.contains("no GPU adapter matches"), "{m}");
+        assert!(m.contains("install a Vulkan driver"), "{m}");
+        assert!(m.contains("--device cpu"), "{m}");
+        assert!(!m.contains(".;"), "{m}");
+        for e in [
+            GpuError::InvalidSelector("name:".into()),
+            GpuError::NotAvailable("f16 storage".into()),
+        ] {
+            let e = from_gpu(e);
+            assert_eq!(e.code(), EXIT_USER, "{e}");
+            assert!(e.to_string().contains("--device cpu"), "{e}");
+        }
+    }
+
+    #[test]
+    fn failing_devices_are_internal_failures() {
+        for e in [
+            GpuError::RequestDevice {
+                adapter: "a".into(),
+                message: "lost".into(),
+            },
+            GpuError::Device("out of memory".into()),
+            GpuError::InvalidArgument("shape".into()),
+        ] {
+            assert_eq!(from_gpu(e).code(), EXIT_INTERNAL);
         }
     }
 }

@@ -371,6 +371,72 @@ fn bad_invocations_exit_1_with_a_one_line_message() {
     }
 }
 
+/// GPU errors reach the user typed: what they can fix exits with 1 and one line that says
+/// how (a Vulkan driver, or --device cpu), never as an internal failure.
+#[test]
+fn gpu_errors_say_how_to_fix_them() {
+    let file = temp_file("t.txt", "some text here");
+    let file = file.to_str().unwrap();
+    // (arguments, environment, what stderr must contain)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case<'_>; 4] = [
+        (
+            &[
+                "generate",
+                "--model",
+                tiny(),
+                "--device",
+                "gpu:no-such-adapter",
+                "hi",
+            ],
+            &[],
+            &[
+                "no GPU adapter matches",
+                "install a Vulkan driver",
+                "--device cpu",
+            ],
+        ),
+        (
+            &["eval", "--model", tiny(), "--device", "gpu:name:", file],
+            &[],
+            &["invalid device selector `name:`", "--device cpu"],
+        ),
+        (
+            &["generate", "--model", tiny(), "--device", "gpu", "hi"],
+            &[("CLA_DEVICE", "name:")],
+            &["invalid device selector", "CLA_DEVICE"],
+        ),
+        (
+            &[
+                "bench",
+                "--model",
+                tiny(),
+                "--device",
+                "gpu",
+                "--context",
+                "8",
+            ],
+            &[("CLA_GPU_DISABLE", "f16,warp-drive")],
+            &["unknown fast path `warp-drive`", "CLA_GPU_DISABLE"],
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let o = cla_with(args, None, env);
+        let err = stderr(&o);
+        let shown = format!("cla {args:?} {env:?}\nstderr: {err}");
+        assert_eq!(o.status.code(), Some(1), "{shown}");
+        for text in expected {
+            assert!(err.contains(text), "expected {text:?} in {shown}");
+        }
+        assert!(!err.contains("internal failure"), "{shown}");
+        let errors = err
+            .lines()
+            .filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR"))
+            .count();
+        assert_eq!(errors, 1, "one error line: {shown}");
+    }
+}
+
 #[test]
 fn missing_default_model_says_what_to_pass() {
     let o = cla_with(

@@ -2,9 +2,10 @@
 //! device, building a decoder, and the KV-cache element type.
 
 use crate::failure::{CliError, CliResult};
+use cla_kernels_wgpu::context::{DEVICE_ENV, DISABLE_ENV};
 use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
-use cla_model::{CpuDecoder, Decoder, GpuDecoder, LoadedModel, ModelWeights};
+use cla_model::{CpuDecoder, Decoder, GpuDecoder, LoadedModel, ModelError, ModelWeights};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -173,22 +174,21 @@ pub fn make_decoder(
             })
         }
         DeviceChoice::Gpu(name) => {
-            let unavailable = |why: String| {
+            // Errors pass as `ModelError::Gpu`: `failure` tells what the user can fix (no
+            // adapter, a bad selector, a missing feature: exit 1, with how to fix it) from a
+            // failing device (exit 2).
+            let mut selector = DeviceSelector::from_env().map_err(|e| {
+                // A typo in an environment variable is the user's, whatever the variant.
                 CliError::user(format!(
-                    "--device {device}: {}; use --device cpu (or --device gpu:cpu for a \
-                     software Vulkan driver); `cla devices` lists the adapters",
-                    why.trim_end().trim_end_matches('.')
+                    "{}; fix or unset {DEVICE_ENV} / {DISABLE_ENV}",
+                    e.to_string().trim_end().trim_end_matches('.')
                 ))
-            };
-            let mut selector =
-                DeviceSelector::from_env().map_err(|e| unavailable(e.to_string()))?;
+            })?;
             if let Some(name) = name {
-                selector.filter = DeviceSelector::parse(name)
-                    .map_err(|e| unavailable(e.to_string()))?
-                    .filter;
+                selector.filter = DeviceSelector::parse(name).map_err(ModelError::Gpu)?.filter;
             }
             let started = std::time::Instant::now();
-            let ctx = GpuContext::new(&selector).map_err(|e| unavailable(e.to_string()))?;
+            let ctx = GpuContext::new(&selector).map_err(ModelError::Gpu)?;
             let info = ctx.info();
             let description = format!("gpu: {} ({:?})", info.name, info.backend);
             let decoder = GpuDecoder::new(Arc::new(ctx), &weights, cache)?;

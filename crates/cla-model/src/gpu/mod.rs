@@ -56,7 +56,6 @@ impl Default for GpuDecoderOptions {
 }
 
 /// A GPU error as this crate's error.
-// ModelError has no GPU variant yet; `InvalidArgument` named "gpu" carries the message.
 pub(crate) fn gpu_error(e: GpuError) -> ModelError {
     ModelError::Gpu(e)
 }
