@@ -636,65 +636,11 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
     assert_eq!(g[0]["ids"].as_array().unwrap().len(), 6);
 }
 
-/// Ctrl-C in the middle of generation: the text so far is written, the line ended, and
-/// cla exits with 130.
+/// Starts `cla generate` of 240 tokens with the shipped model and waits for the first
+/// streamed byte (the Ctrl-C handler is installed by then). Returns the process, its stdout
+/// and that byte.
 #[cfg(unix)]
-#[test]
-fn ctrl_c_ends_generation_cleanly() {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    let model = repo_root().join("models/small-mqa-cla2");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cla"))
-        .args(["generate", "--model", model.to_str().unwrap()])
-        .args([
-            "--ignore-eos",
-            "--max-tokens",
-            "240",
-            "--seed",
-            "3",
-            "Once upon a time",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    // The first streamed byte comes after the handler is installed.
-    let mut text = vec![0u8; 1];
-    out.read_exact(&mut text).unwrap();
-    let killed = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    out.read_to_end(&mut text).unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    assert_eq!(status.code(), Some(130), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    let generated: usize = err
-        .split("interrupted after ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no interruption note: {err}"));
-    assert!(generated < 240, "{err}");
-    let text = String::from_utf8_lossy(&text);
-    assert!(text.len() > 1 && text.ends_with('\n'), "{text:?}");
-}
-
-/// The reader of stdout goes away mid-generation (`cla generate ... | head -c 1`): cla stops
-/// generating and exits with 0, without the summary of a finished run.
-#[cfg(unix)]
-#[test]
-fn a_closed_output_stops_generation_quietly() {
+fn streaming_generation() -> (std::process::Child, std::process::ChildStdout, u8) {
     use std::io::Read;
     use std::process::{Command, Stdio};
     let model = repo_root().join("models/small-mqa-cla2");
@@ -716,7 +662,13 @@ fn a_closed_output_stops_generation_quietly() {
     let mut out = child.stdout.take().unwrap();
     let mut first = [0u8; 1];
     out.read_exact(&mut first).unwrap();
-    drop(out);
+    (child, out, first[0])
+}
+
+/// Waits for `child`: its exit code and stderr.
+#[cfg(unix)]
+fn exit_and_stderr(mut child: std::process::Child) -> (Option<i32>, String) {
+    use std::io::Read;
     let status = child.wait().unwrap();
     let mut err = String::new();
     child
@@ -725,7 +677,46 @@ fn a_closed_output_stops_generation_quietly() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert_eq!(status.code(), Some(0), "{err}");
+    (status.code(), err)
+}
+
+/// Ctrl-C in the middle of generation: the text so far is written, the line ended, and
+/// cla exits with 130.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_ends_generation_cleanly() {
+    use std::io::Read;
+    let (child, mut out, first) = streaming_generation();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut text = vec![first];
+    out.read_to_end(&mut text).unwrap();
+    let (code, err) = exit_and_stderr(child);
+    assert_eq!(code, Some(130), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let generated: usize = err
+        .split("interrupted after ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no interruption note: {err}"));
+    assert!(generated < 240, "{err}");
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.len() > 1 && text.ends_with('\n'), "{text:?}");
+}
+
+/// The reader of stdout goes away mid-generation (`cla generate ... | head -c 1`): cla stops
+/// generating and exits with 0, without the summary of a finished run.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_stops_generation_quietly() {
+    let (child, out, _) = streaming_generation();
+    drop(out);
+    let (code, err) = exit_and_stderr(child);
+    assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains("generated tokens"), "{err}");
     assert!(!err.contains("error"), "{err}");
 }

@@ -62,6 +62,27 @@ pub fn ok(args: &[&str]) -> String {
     stdout(&o)
 }
 
+/// Checks that `o` is a user error: exit code 1, one `error: ...` line on stderr, nothing
+/// on stdout, no panic or backtrace, not an internal failure. `shown` describes the run in
+/// failure messages. Returns stderr.
+pub fn user_error(o: &Output, shown: &str) -> String {
+    let err = stderr(o);
+    let shown = format!("{shown}\nstderr: {err}\nstdout: {}", stdout(o));
+    assert_eq!(o.status.code(), Some(1), "{shown}");
+    assert!(!err.contains("panicked"), "{shown}");
+    assert!(!err.contains("RUST_BACKTRACE"), "{shown}");
+    assert!(!err.contains("internal failure"), "{shown}");
+    assert!(o.stdout.is_empty(), "printed to stdout: {shown}");
+    // Mesa's GL probe prints its own `error: XDG_RUNTIME_DIR ...` lines on machines without
+    // a display; they are not cla's.
+    let errors = err
+        .lines()
+        .filter(|l| l.starts_with("error: ") && !l.contains("XDG_RUNTIME_DIR"))
+        .count();
+    assert_eq!(errors, 1, "one error line: {shown}");
+    err
+}
+
 /// Runs `cla ARGS`, checks success, and parses stdout as one JSON value.
 pub fn json(args: &[&str]) -> serde_json::Value {
     let out = ok(args);
