@@ -27,6 +27,7 @@ use crate::tensor::{DType, GpuTensor};
 const SRC: &str = include_str!("../shaders/attention.wgsl");
 const REDUCE_SRC: &str = include_str!("../shaders/attn_reduce.wgsl");
 const DECODE_SRC: &str = include_str!("../shaders/attn_decode.wgsl");
+const LANES_SRC: &str = include_str!("../shaders/attn_decode_lanes.wgsl");
 /// Threads per attention workgroup: enough to load a K/V tile in a few coalesced steps,
 /// few enough that one SM holds several workgroups.
 const WG: u32 = 128;
@@ -277,6 +278,161 @@ fn kv_chunk_decl(
     )
 }
 
+/// Which decode-attention kernel runs (see [`GpuContext::attention_decode_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DecodeKernel {
+    /// The fastest kernel that the device, the pool and the group size allow: the
+    /// lane-group kernel where it applies, else the tiled kernel.
+    #[default]
+    Auto,
+    /// The portable tiled kernel (`shaders/attn_decode.wgsl`): any adapter, head_dim, pool
+    /// dtype and layout.
+    Tiled,
+    /// Lane groups streaming K/V through registers (`shaders/attn_decode_lanes.wgsl`): needs
+    /// subgroups, at most [`LANES_MAX_GROUP`] query heads per K/V head, K and V of one dtype,
+    /// and head_dim, strides and bases that are multiples of one 16-byte load.
+    Lanes,
+}
+
+/// Options of [`GpuContext::attention_decode_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Keys per split (None: chosen from the batch so that the GPU is full). Any value
+    /// `>= 1` is correct.
+    pub chunk: Option<usize>,
+    /// Kernel to run; a kernel the device or the pool cannot run is a
+    /// [`GpuError::NotAvailable`] error.
+    pub kernel: DecodeKernel,
+}
+
+/// Most query heads per K/V head for [`DecodeKernel::Lanes`]: each lane keeps its dims of
+/// every query row and of every output row in registers.
+pub const LANES_MAX_GROUP: u32 = 16;
+/// Threads per lane-group workgroup (at least).
+const LANES_WG: u32 = 128;
+
+/// Tiling of the lane-group kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LanesPlan {
+    /// Elements per vector load (8 halves or 4 floats) and vec4<f32>s per load.
+    vw: u32,
+    vq: u32,
+    /// Lanes per key row, and vector loads per lane and row.
+    l: u32,
+    nv: u32,
+    /// Keys per lane group per iteration.
+    t: u32,
+    wg: u32,
+    /// Most subgroups per workgroup (smallest subgroup size).
+    max_sg: u32,
+}
+
+impl LanesPlan {
+    /// Keys a workgroup takes per iteration.
+    fn keys_per_iter(&self) -> u32 {
+        self.wg / self.l * self.t
+    }
+}
+
+/// The lane-group plan, or why it does not apply. `ch` is the widest aligned load (in
+/// elements) that every row start allows.
+fn lanes_plan(
+    hd: u32,
+    group: u32,
+    sk: ElemStorage,
+    sv: ElemStorage,
+    ch: u32,
+    subgroup: Option<(u32, u32)>,
+) -> std::result::Result<LanesPlan, String> {
+    let Some((sg_min, sg_max)) = subgroup else {
+        return Err("the lane-group kernel needs subgroup operations".into());
+    };
+    if group > LANES_MAX_GROUP {
+        return Err(format!(
+            "the lane-group kernel takes at most {LANES_MAX_GROUP} query heads per K/V head, got {group}"
+        ));
+    }
+    let f32s = sk == ElemStorage::F32;
+    if f32s != (sv == ElemStorage::F32) {
+        return Err("the lane-group kernel needs K and V of one dtype".into());
+    }
+    let (vw, vq) = if f32s { (4, 1) } else { (8, 2) };
+    if ch < vw || !hd.is_multiple_of(vw) {
+        return Err(format!(
+            "the lane-group kernel needs head_dim, strides and bases that are multiples of {vw} elements"
+        ));
+    }
+    let vecs = hd / vw;
+    let mut nv = 1;
+    while vecs.div_ceil(nv).next_power_of_two() > sg_min.clamp(1, 32) {
+        nv += 1;
+    }
+    let l = vecs.div_ceil(nv).next_power_of_two();
+    let t = if group * nv * vw <= 32 { 4 } else { 2 };
+    let wg = LANES_WG.max(sg_max);
+    Ok(LanesPlan {
+        vw,
+        vq,
+        l,
+        nv,
+        t,
+        wg,
+        max_sg: wg / sg_min.max(1),
+    })
+}
+
+fn lanes_source(
+    name: &str,
+    hd: u32,
+    group: u32,
+    block_size: u32,
+    f32s: bool,
+    p: &LanesPlan,
+) -> Result<String> {
+    let decl = if f32s {
+        "@group(0) @binding(4) var<storage, read> k: array<vec4<f32>>;\n\
+         @group(0) @binding(5) var<storage, read> v: array<vec4<f32>>;\n\
+         alias KRaw = vec4<f32>;\n\
+         fn k_ld(i: u32) -> KRaw { return k[i >> 2u]; }\n\
+         fn v_ld(i: u32) -> KRaw { return v[i >> 2u]; }\n\
+         fn cv(r: KRaw, h: u32) -> vec4<f32> { return r; }\n"
+    } else {
+        "@group(0) @binding(4) var<storage, read> k: array<vec4<u32>>;\n\
+         @group(0) @binding(5) var<storage, read> v: array<vec4<u32>>;\n\
+         alias KRaw = vec4<u32>;\n\
+         fn k_ld(i: u32) -> KRaw { return k[i >> 3u]; }\n\
+         fn v_ld(i: u32) -> KRaw { return v[i >> 3u]; }\n\
+         fn cv(r: KRaw, h: u32) -> vec4<f32> {\n\
+             if (h == 0u) { return vec4<f32>(unpack2x16float(r.x), unpack2x16float(r.y)); }\n\
+             return vec4<f32>(unpack2x16float(r.z), unpack2x16float(r.w));\n\
+         }\n"
+    };
+    render(
+        name,
+        LANES_SRC,
+        &[
+            ("KV_DECL", decl.to_owned()),
+            ("HD", hd.to_string()),
+            ("G", group.to_string()),
+            ("L", p.l.to_string()),
+            ("NV", p.nv.to_string()),
+            ("VW", p.vw.to_string()),
+            ("VQ", p.vq.to_string()),
+            ("T", p.t.to_string()),
+            ("BS", block_size.to_string()),
+            ("WG", p.wg.to_string()),
+            ("MAXSG", p.max_sg.to_string()),
+        ],
+    )
+}
+
+/// The kernel a decode call runs, with its plan.
+#[derive(Debug, Clone, Copy)]
+enum DecodeChoice {
+    Tiled(DecodePlan),
+    Lanes(LanesPlan),
+}
+
 struct Checked {
     n_q_heads: u32,
     group: u32,
@@ -498,13 +654,20 @@ impl GpuContext {
         out: &GpuTensor,
         chunk: Option<usize>,
     ) -> Result<()> {
-        ensure_arg!(chunk != Some(0), "attention_decode: chunk must be >= 1");
-        ensure_arg!(
-            batch.max_query == 1,
-            "attention_decode: every sequence must have exactly one query (max is {}); use attention_prefill",
-            batch.max_query
-        );
-        let c = self.check_attention(q, batch, pool, out)?;
+        let opts = DecodeOptions {
+            chunk,
+            kernel: DecodeKernel::Auto,
+        };
+        self.attention_decode_with(encoder, q, batch, pool, out, opts)
+    }
+
+    /// The kernels [`GpuContext::attention_decode_with`] could run for this pool and group
+    /// size on this device, each with the reason when it cannot.
+    fn decode_choices(
+        &self,
+        c: &Checked,
+        ch: u32,
+    ) -> Result<[(DecodeKernel, std::result::Result<DecodeChoice, String>); 2]> {
         let f = self.features();
         // Subgroup shuffles reduce over NKT lanes: usable when NKT fits in the smallest
         // subgroup the adapter may run.
@@ -513,22 +676,92 @@ impl GpuContext {
         } else {
             32
         };
-        let p = decode_plan(c.hd, c.group, f.max_workgroup_storage, nkt_cap)?;
-        let l = pool.layout;
+        let tiled = decode_plan(c.hd, c.group, f.max_workgroup_storage, nkt_cap)?;
+        let sub = f.subgroup.then_some(f.subgroup_size);
+        let lanes = lanes_plan(c.hd, c.group, c.sk, c.sv, ch, sub).map(DecodeChoice::Lanes);
+        Ok([
+            (DecodeKernel::Lanes, lanes),
+            (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
+        ])
+    }
 
+    /// Decode attention with a chosen kernel and split size (see [`DecodeOptions`]); the
+    /// shapes are those of [`GpuContext::attention_decode`].
+    pub fn attention_decode_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        q: &GpuTensor,
+        batch: &SeqBatch,
+        pool: &KvPool<'_>,
+        out: &GpuTensor,
+        opts: DecodeOptions,
+    ) -> Result<()> {
+        ensure_arg!(
+            opts.chunk != Some(0),
+            "attention_decode: chunk must be >= 1"
+        );
+        ensure_arg!(
+            batch.max_query == 1,
+            "attention_decode: every sequence must have exactly one query (max is {}); use attention_prefill",
+            batch.max_query
+        );
+        let c = self.check_attention(q, batch, pool, out)?;
+        let f = self.features();
+        let l = pool.layout;
+        let ((kb, k_off), (vb, v_off)) = self.kv_windows("attention", pool, c.sk, c.sv)?;
+        // Widest load every row start allows (all offsets are multiples of CH elements).
+        let ch = [8u32, 4, 2, 1]
+            .into_iter()
+            .find(|&ch| {
+                let max_ch = |s: ElemStorage| if s == ElemStorage::F32 { 4 } else { 8 };
+                ch <= max_ch(c.sk).min(max_ch(c.sv))
+                    && [
+                        u64::from(c.hd),
+                        u64::from(l.block_stride),
+                        u64::from(l.head_stride),
+                        u64::from(l.token_stride),
+                        k_off,
+                        v_off,
+                    ]
+                    .iter()
+                    .all(|x| x % u64::from(ch) == 0)
+            })
+            .unwrap_or(1);
+
+        let choices = self.decode_choices(&c, ch)?;
+        let choice = match opts.kernel {
+            DecodeKernel::Auto => choices.into_iter().find_map(|(_, r)| r.ok()),
+            want => match choices.into_iter().find(|(k, _)| *k == want) {
+                Some((_, Ok(choice))) => Some(choice),
+                Some((_, Err(why))) => {
+                    return Err(GpuError::NotAvailable(format!("attention_decode: {why}")));
+                }
+                None => None,
+            },
+        }
+        .ok_or_else(|| GpuError::NotAvailable("attention_decode: no kernel applies".into()))?;
+
+        // Per kernel: workgroups per (sequence, K/V head) and split, the key granularity a
+        // split should be a multiple of, and the fewest keys per split (each split re-reads
+        // the query rows and writes partial rows, which must stay small next to its K/V).
+        let (row_groups, gran, min_chunk) = match choice {
+            DecodeChoice::Tiled(p) => (
+                p.row_groups,
+                p.bk as usize,
+                (2 * p.r as usize).max(DECODE_MIN_CHUNK),
+            ),
+            DecodeChoice::Lanes(p) => (1, p.keys_per_iter() as usize, 2 * DECODE_MIN_CHUNK),
+        };
         // Split heuristic: enough splits that the dispatch has about
-        // DECODE_TARGET_WORKGROUPS workgroups (several per SM even at batch 1), but at least
-        // 2*R keys per split: each split re-reads the R query rows and writes R partial rows,
-        // which must stay small next to the K/V it reads.
-        let per_split = batch.n_seqs * l.n_kv_heads as usize * p.row_groups as usize;
+        // DECODE_TARGET_WORKGROUPS workgroups (several per SM even at batch 1).
+        let per_split = batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         let want = DECODE_TARGET_WORKGROUPS
             .div_ceil(per_split)
             .clamp(1, DECODE_MAX_SPLITS);
         let max_kv = batch.max_kv_len.max(1);
-        let bk = p.bk as usize;
-        let min_chunk = (2 * p.r as usize).max(DECODE_MIN_CHUNK).div_ceil(bk) * bk;
-        let mut chunk =
-            chunk.unwrap_or_else(|| max_kv.div_ceil(want).max(min_chunk).div_ceil(bk) * bk);
+        let mut chunk = opts
+            .chunk
+            .unwrap_or_else(|| max_kv.div_ceil(want).max(min_chunk).div_ceil(gran) * gran);
         let heads = batch.n_seqs * c.n_q_heads as usize;
         let max_bytes = f.max_storage_binding as usize;
         while max_kv.div_ceil(chunk) * heads * c.hd as usize * 4 > max_bytes {
@@ -554,26 +787,7 @@ impl GpuContext {
         let (part_b, _) = self.window("decode partials", &scratch, 0, part_elems, 4)?;
         let (ml_b, _) = self.window("decode partial stats", &scratch, ml_first, ml_elems, 4)?;
 
-        let ((kb, k_off), (vb, v_off)) = self.kv_windows("attention", pool, c.sk, c.sv)?;
-        // Widest load every row start allows (all offsets are multiples of CH elements).
-        let ch = [8u32, 4, 2, 1]
-            .into_iter()
-            .find(|&ch| {
-                let max_ch = |s: ElemStorage| if s == ElemStorage::F32 { 4 } else { 8 };
-                ch <= max_ch(c.sk).min(max_ch(c.sv))
-                    && [
-                        u64::from(c.hd),
-                        u64::from(l.block_stride),
-                        u64::from(l.head_stride),
-                        u64::from(l.token_stride),
-                        k_off,
-                        v_off,
-                    ]
-                    .iter()
-                    .all(|x| x % u64::from(ch) == 0)
-            })
-            .unwrap_or(1);
-        let kernel = self.decode_kernel(&c, &p, ch)?;
+        let kernel = self.decode_kernel(&c, &choice, l.block_size, ch)?;
         let params = self.attention_params(
             &c,
             pool,
@@ -581,7 +795,7 @@ impl GpuContext {
             v_off,
             chunk as u32,
             n_splits as u32,
-            p.row_groups,
+            row_groups,
         )?;
         self.dispatch(
             encoder,
@@ -598,7 +812,7 @@ impl GpuContext {
             ],
             (
                 n_splits as u32,
-                l.n_kv_heads * p.row_groups,
+                l.n_kv_heads * row_groups,
                 batch.n_seqs as u32,
             ),
         );
@@ -642,22 +856,10 @@ impl GpuContext {
     fn decode_kernel(
         &self,
         c: &Checked,
-        p: &DecodePlan,
+        choice: &DecodeChoice,
+        block_size: u32,
         ch: u32,
     ) -> Result<std::sync::Arc<crate::pipeline::Kernel>> {
-        let sub = self.features().subgroup && p.nkt <= self.features().subgroup_size.0;
-        let key = PipelineKey {
-            kernel: "attn_decode_split",
-            elems: vec![c.sk, c.sv],
-            params: vec![
-                ("hd", c.hd),
-                ("rp", p.rp),
-                ("bk", p.bk),
-                ("nkt", p.nkt),
-                ("ch", ch),
-                ("sg", u32::from(sub)),
-            ],
-        };
         let binds = [
             Bind::Uniform,
             Bind::Read,
@@ -668,12 +870,51 @@ impl GpuContext {
             Bind::ReadWrite,
             Bind::ReadWrite,
         ];
-        let hd = c.hd;
+        let (hd, group) = (c.hd, c.group);
         let (sk, sv) = (c.sk, c.sv);
-        let p = *p;
-        self.kernel(key, &binds, |name| {
-            decode_source(name, hd, sk, sv, &p, ch, sub)
-        })
+        match *choice {
+            DecodeChoice::Tiled(p) => {
+                let sub = self.features().subgroup && p.nkt <= self.features().subgroup_size.0;
+                let key = PipelineKey {
+                    kernel: "attn_decode_split",
+                    elems: vec![sk, sv],
+                    params: vec![
+                        ("hd", hd),
+                        ("rp", p.rp),
+                        ("bk", p.bk),
+                        ("nkt", p.nkt),
+                        ("ch", ch),
+                        ("sg", u32::from(sub)),
+                    ],
+                };
+                self.kernel(key, &binds, |name| {
+                    decode_source(name, hd, sk, sv, &p, ch, sub)
+                })
+            }
+            DecodeChoice::Lanes(p) => {
+                let f32s = sk == ElemStorage::F32;
+                let key = PipelineKey {
+                    kernel: "attn_decode_lanes",
+                    elems: vec![if f32s {
+                        ElemStorage::F32
+                    } else {
+                        ElemStorage::F16Packed
+                    }],
+                    params: vec![
+                        ("hd", hd),
+                        ("g", group),
+                        ("l", p.l),
+                        ("nv", p.nv),
+                        ("t", p.t),
+                        ("bs", block_size),
+                        ("wg", p.wg),
+                    ],
+                };
+                self.kernel(key, &binds, |name| {
+                    lanes_source(name, hd, group, block_size, f32s, &p)
+                })
+            }
+        }
     }
 
     /// The context's scratch buffer, grown to at least `bytes`. Work already recorded keeps

@@ -6,6 +6,7 @@
 
 use proptest::prelude::*;
 
+use super::{DecodeKernel, DecodeOptions};
 use crate::context::GpuContext;
 use crate::paged::{KvPool, PagedKvLayout, SeqBatch, SeqDesc};
 use crate::testing::{POISON, assert_close, both_ctx, cases, ctx, round_f16, values};
@@ -26,12 +27,15 @@ struct Scenario {
     /// Extra elements between tokens (strided layout) and a non-zero pool base.
     pad: usize,
     seed: u64,
+    /// Scale the K row of token t by 8 t / kv_len, so that later keys score far above the
+    /// first ones (the online softmax's running max moves many times).
+    k_ramp: bool,
 }
 
 fn scenario(decode: bool) -> impl Strategy<Value = Scenario> {
     (
         1usize..4,
-        prop::sample::select(vec![1usize, 2, 3, 5, 8]),
+        prop::sample::select(vec![1usize, 2, 3, 5, 8, 16]),
         prop::sample::select(vec![2usize, 8, 46, 64, 90]),
         prop::sample::select(vec![1usize, 3, 4, 16]),
         prop::collection::vec((1usize..70, 1usize..24), 1..4),
@@ -56,6 +60,7 @@ fn scenario(decode: bool) -> impl Strategy<Value = Scenario> {
                     chunk,
                     pad,
                     seed,
+                    k_ramp: false,
                 }
             },
         )
@@ -128,6 +133,12 @@ impl Scenario {
         for (i, &(kv, _)) in self.seqs.iter().enumerate() {
             let mut ks = values(self.seed ^ (100 + i as u64), kv * row);
             let mut vs = values(self.seed ^ (200 + i as u64), kv * row);
+            if self.k_ramp {
+                for (t, r) in ks.chunks_mut(row).enumerate() {
+                    let f = 8.0 * t as f32 / kv as f32;
+                    r.iter_mut().for_each(|x| *x *= f);
+                }
+            }
             if self.f16 {
                 ks = round_f16(&ks);
                 vs = round_f16(&vs);
@@ -216,6 +227,21 @@ impl Scenario {
     }
 
     fn run(&self, c: &GpuContext, decode: bool) {
+        if decode {
+            // Every decode kernel the device can run for this scenario (Auto picks one of
+            // them).
+            for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes] {
+                self.run_with(c, Some(kernel));
+            }
+        } else {
+            self.run_with(c, None);
+        }
+    }
+
+    /// Runs prefill (`kernel` None) or decode with `kernel`; a decode kernel that reports
+    /// itself unavailable for the scenario is skipped (`decode_kernels_are_available_where_expected`
+    /// checks that each kernel does run where it should).
+    fn run_with(&self, c: &GpuContext, kernel: Option<DecodeKernel>) -> bool {
         let b = self.build(c);
         let descs: Vec<SeqDesc> = self
             .seqs
@@ -249,9 +275,18 @@ impl Scenario {
             layout: b.layout,
         };
         let mut enc = c.encoder();
-        if decode {
-            c.attention_decode_chunked(&mut enc, &tq, &batch, &pool, &out, self.chunk)
-                .unwrap();
+        if let Some(kernel) = kernel {
+            let opts = DecodeOptions {
+                chunk: self.chunk,
+                kernel,
+            };
+            match c.attention_decode_with(&mut enc, &tq, &batch, &pool, &out, opts) {
+                Ok(()) => {}
+                Err(crate::GpuError::NotAvailable(_)) if kernel == DecodeKernel::Lanes => {
+                    return false;
+                }
+                Err(e) => panic!("decode {kernel:?} {self:?}: {e}"),
+            }
         } else {
             c.attention_prefill(&mut enc, &tq, &batch, &pool, &out)
                 .unwrap();
@@ -260,11 +295,12 @@ impl Scenario {
         let got = c.read_f32(&out).unwrap();
         let tol = if self.f16 { 1e-2 } else { 1e-5 };
         assert_close(
-            &format!("attention decode={decode} {self:?}"),
+            &format!("attention {kernel:?} {self:?}"),
             &got,
             &self.reference(&b, &q),
             tol,
         );
+        true
     }
 }
 
@@ -327,6 +363,7 @@ fn decode_with_many_splits_and_portable_f16() {
             chunk: None,
             pad: if i == 0 { 0 } else { 2 },
             seed: 42,
+            k_ramp: false,
         };
         s.run(c, true);
         let prefill = Scenario {
@@ -419,4 +456,90 @@ fn gpu_only_decode_variants_pass_naga_validation() {
             }
         }
     }
+}
+
+/// The lane-group kernel runs wherever the device has subgroups (f16 and f32 pools), and says
+/// why where it does not; both kernels agree with the reference when later keys score far
+/// above earlier ones. Shapes of a real model: head_dim 64/128, block 16.
+#[test]
+fn decode_kernels_are_available_where_expected() {
+    let c = ctx();
+    let f = c.features();
+    for (group, hd, f16) in [(4usize, 64usize, true), (1, 128, false), (8, 128, true)] {
+        for k_ramp in [false, true] {
+            let s = Scenario {
+                n_kv_heads: 2,
+                group,
+                hd,
+                block_size: 16,
+                seqs: vec![(300, 1), (45, 1)],
+                f16,
+                chunk: None,
+                pad: 0,
+                seed: 5,
+                k_ramp,
+            };
+            let ran = s.run_with(c, Some(DecodeKernel::Lanes));
+            assert_eq!(ran, f.subgroup, "lane-group kernel, {s:?}");
+            assert!(s.run_with(c, Some(DecodeKernel::Tiled)));
+        }
+    }
+    // Groups above the lane-group limit (MQA with 32 query heads) take the tiled kernel.
+    let mqa = Scenario {
+        n_kv_heads: 1,
+        group: 32,
+        hd: 64,
+        block_size: 16,
+        seqs: vec![(200, 1)],
+        f16: true,
+        chunk: None,
+        pad: 0,
+        seed: 9,
+        k_ramp: false,
+    };
+    assert!(!mqa.run_with(c, Some(DecodeKernel::Lanes)));
+    assert!(mqa.run_with(c, Some(DecodeKernel::Auto)));
+}
+
+/// The lane-group variants a real GPU builds (subgroups of 32, 48 KiB) pass
+/// naga's validation with every capability, whatever the test device.
+#[test]
+fn fast_decode_kernels_pass_naga_validation() {
+    use wgpu::naga;
+    let validate = |what: String, src: String| {
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    };
+    let f16 = crate::ElemStorage::F16;
+    let f32s = crate::ElemStorage::F32;
+    for (hd, group) in [
+        (128u32, 1u32),
+        (128, 4),
+        (128, 8),
+        (64, 16),
+        (96, 2),
+        (256, 8),
+    ] {
+        for (sg, st) in [
+            ((32u32, 32u32), f16),
+            ((8, 8), f16),
+            ((32, 32), f32s),
+            ((16, 64), f16),
+        ] {
+            let p = super::lanes_plan(hd, group, st, st, 8, Some(sg)).unwrap();
+            assert!(p.l <= sg.0 && p.l.is_power_of_two(), "{p:?}");
+            let src = super::lanes_source("v", hd, group, 16, st == f32s, &p).unwrap();
+            validate(format!("lanes hd {hd} group {group} {p:?}"), src);
+        }
+    }
+    // What the plan refuses, and says so.
+    assert!(super::lanes_plan(128, 32, f16, f16, 8, Some((32, 32))).is_err());
+    assert!(super::lanes_plan(128, 4, f16, f16, 8, None).is_err());
+    assert!(super::lanes_plan(90, 4, f16, f16, 2, Some((32, 32))).is_err());
 }
