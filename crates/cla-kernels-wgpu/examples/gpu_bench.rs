@@ -16,12 +16,18 @@
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
 //!   card's measured bf16 tensor rate) when given.
 //! - matmul_coopmat: the cooperative-matrix (tensor core) f16 matmul when the adapter offers
-//!   it, one row per kernel design (`CoopVariant`: staged, packed, direct, direct_wide) at
-//!   4096^3 and 8192x4096x4096, plus two shapes with edges (4000x3000x4096: m, n off the
-//!   tiles; 1000x1002x1000: n not a multiple of 4, k not of 16). Each result is checked
-//!   against the R64 kernel on the same inputs (max |diff| relative to max |ref|, at most
-//!   2e-3; `check` says ok or MISMATCH); FLOP/s and percentage of `--ref-tflops`. A summary
-//!   line per shape names the fastest correct variant and the one `linear` uses.
+//!   it, at 4096^3 and 8192x4096x4096, two shapes with edges (4000x3000x4096: m, n off the
+//!   tiles; 1000x1002x1000: n not a multiple of 4, k not of 16), then 4096^3 again (a shape
+//!   that is slower only in the first pass points at the run, not the shape). Per shape: a
+//!   `coop_to_f16` row timing the f32 -> f16 activation conversion alone, then per kernel
+//!   design (`CoopVariant::ALL`) the full call on f32 activations (conversion into the
+//!   context's staging buffer, then the tiles) and, for the designs that read f16, the tile
+//!   kernel alone on an f16 copy of the benchmark's own (`x=f16 (tiles only)`). Each result
+//!   is checked against the R64 kernel on the same inputs (max |diff| relative to max |ref|,
+//!   at most 2e-3; `check` says ok or MISMATCH); FLOP/s and percentage of `--ref-tflops`. A
+//!   summary line per shape names the fastest correct full call and tile kernel, the
+//!   conversion time, and for the variant `linear` uses how its full call splits into
+//!   tiles, conversion and the rest.
 //! - matvec: decode-shaped matrix-vector products; weight bytes per second and FLOP/s.
 //!
 //! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
@@ -352,23 +358,28 @@ fn main() -> BenchResult<()> {
     }
     drop((x, y));
     if ctx.coopmat_f16_available() {
-        // Square and tall full-tile shapes, then edges: m, n off the tiles (the direct
-        // kernels' clamped edge workgroups), and n not a multiple of 4 with k not of 16 (edge
-        // stores everywhere; the direct variants hand the call to the staged kernel).
+        // Square and tall full-tile shapes, then edges: m, n off the tiles, and n not a
+        // multiple of 4 with k not of 16 (edge stores everywhere); then the first shape again,
+        // to tell a slower shape from a slower run.
         let shapes: &[(usize, usize, usize)] = if q {
-            &[(256, 256, 256), (300, 200, 136)]
+            &[(256, 256, 256), (300, 200, 136), (256, 256, 256)]
         } else {
             &[
                 (4096, 4096, 4096),
                 (8192, 4096, 4096),
                 (4000, 3000, 4096),
                 (1000, 1002, 1000),
+                (4096, 4096, 4096),
             ]
         };
         // Largest max|diff| / max|ref| against R64 accepted (f16 rounding of the activations).
         const COOP_TOL: f64 = 2e-3;
+        let iters = if q { 2 } else { 10 };
         let mut summary = Vec::new();
-        for &(m, nn, k) in shapes {
+        for (si, &(m, nn, k)) in shapes.iter().enumerate() {
+            let repeat = shapes[..si].contains(&(m, nn, k));
+            let shape = format!("{m}x{nn}x{k}");
+            let flop = 2.0 * (m * nn * k) as f64;
             // Deterministic values in [-1, 1).
             let noise = |len: usize, seed: u64| -> Vec<f32> {
                 let mut st = seed;
@@ -390,64 +401,154 @@ fn main() -> BenchResult<()> {
             ctx.submit_and_wait(enc)?;
             let expected = ctx.read_f32(&y_ref)?;
             let max_ref = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let mut fastest: Option<(CoopVariant, f64)> = None;
+            let base_note = if repeat { "repeat; " } else { "" };
+
+            // The f32 -> f16 conversion alone (what the f16-reading variants run before their
+            // tiles), into a tensor of the benchmark's own: the tile-only rows read it.
+            let x16 = ctx.create_tensor(&[m, k], DType::F16, "x16")?;
+            let conv_secs = timer.time(iters, &mut |enc| ctx.to_f16(enc, &x, &x16))?;
+            let conv_bytes = (m * k * 6) as f64;
+            rows.push(Row {
+                kind: "coop_to_f16",
+                params: vec![("m_k", format!("{m}x{k}"))],
+                seconds: conv_secs,
+                bytes_per_s: Some(conv_bytes / conv_secs),
+                flops: None,
+                note: format!(
+                    "{base_note}f32 -> f16 activations, read+write bytes; {}",
+                    pct(conv_bytes / conv_secs)
+                ),
+            });
+
+            // (variant, full-call seconds, tile-only seconds) of the correct variants.
+            let mut timed: Vec<(CoopVariant, f64, Option<f64>)> = Vec::new();
             for variant in CoopVariant::ALL {
-                // NaN in every element first, so that one the kernel skips counts as wrong.
-                ctx.fill_u32_pattern(&y, 0x7fc0_0000);
-                let mut enc = ctx.encoder();
-                ctx.matmul_coopmat_with(&mut enc, &x, &w, &y, variant)?;
-                ctx.submit_and_wait(enc)?;
-                let got = ctx.read_f32(&y)?;
-                let max_diff = got.iter().zip(&expected).fold(0.0f64, |a, (g, r)| {
-                    let d = f64::from((g - r).abs());
-                    if d.is_nan() { f64::INFINITY } else { a.max(d) }
-                });
-                let rel = max_diff / f64::from(max_ref.max(f32::MIN_POSITIVE));
-                let ok = rel <= COOP_TOL;
-                let secs = timer.time(if q { 2 } else { 10 }, &mut |enc| {
-                    ctx.matmul_coopmat_with(enc, &x, &w, &y, variant)
-                })?;
-                let flops = 2.0 * (m * nn * k) as f64 / secs;
-                if ok && fastest.is_none_or(|(_, f)| flops > f) {
-                    fastest = Some((variant, flops));
-                }
-                let mut note = format!("max|diff| / max|ref| vs R64 = {rel:.2e}");
-                if let Some(r) = args.ref_tflops {
-                    let _ = write!(
+                let (bm, bn) = variant.tile();
+                // The full call (f32 activations: conversion, if any, then tiles), then the
+                // tile kernel alone on the f16 copy.
+                let inputs: &[(&str, &cla_kernels_wgpu::GpuTensor)] = if variant.reads_f32() {
+                    &[("f32 (no conversion)", &x)]
+                } else {
+                    &[("f32 (to_f16 + tiles)", &x), ("f16 (tiles only)", &x16)]
+                };
+                let mut secs_of = Vec::new();
+                for &(input, xin) in inputs {
+                    let mut params = vec![
+                        ("m_n_k", shape.clone()),
+                        ("variant", variant.name().into()),
+                        ("tile", format!("{bm}x{bn}")),
+                        ("x", input.into()),
+                    ];
+                    // NaN in every element first, so that one the kernel skips counts as wrong.
+                    ctx.fill_u32_pattern(&y, 0x7fc0_0000);
+                    let mut enc = ctx.encoder();
+                    match ctx.matmul_coopmat_with(&mut enc, xin, &w, &y, variant) {
+                        Ok(()) => {}
+                        Err(GpuError::NotAvailable(why)) => {
+                            rows.push(Row {
+                                kind: "matmul_coopmat",
+                                params,
+                                seconds: 0.0,
+                                bytes_per_s: None,
+                                flops: None,
+                                note: format!("not available: {why}"),
+                            });
+                            break;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    ctx.submit_and_wait(enc)?;
+                    let got = ctx.read_f32(&y)?;
+                    let max_diff = got.iter().zip(&expected).fold(0.0f64, |a, (g, r)| {
+                        let d = f64::from((g - r).abs());
+                        if d.is_nan() { f64::INFINITY } else { a.max(d) }
+                    });
+                    let rel = max_diff / f64::from(max_ref.max(f32::MIN_POSITIVE));
+                    let ok = rel <= COOP_TOL;
+                    let secs = timer.time(iters, &mut |enc| {
+                        ctx.matmul_coopmat_with(enc, xin, &w, &y, variant)
+                    })?;
+                    let flops = flop / secs;
+                    let mut note = format!("{base_note}max|diff| / max|ref| vs R64 = {rel:.2e}");
+                    if let Some(r) = args.ref_tflops {
+                        let _ = write!(
+                            note,
+                            "; {:.1}% of reference {r} TFLOP/s",
+                            100.0 * flops / (r * 1e12)
+                        );
+                    }
+                    if variant == CoopVariant::DEFAULT && secs_of.is_empty() {
+                        note.push_str("; used by linear");
+                    }
+                    params.push(("check", if ok { "ok" } else { "MISMATCH" }.into()));
+                    rows.push(Row {
+                        kind: "matmul_coopmat",
+                        params,
+                        seconds: secs,
+                        bytes_per_s: None,
+                        flops: Some(flops),
                         note,
-                        "; {:.1}% of reference {r} TFLOP/s",
-                        100.0 * flops / (r * 1e12)
+                    });
+                    secs_of.push(ok.then_some(secs));
+                }
+                if let Some(&Some(full)) = secs_of.first() {
+                    timed.push((variant, full, secs_of.get(1).copied().flatten()));
+                }
+            }
+            let tf = |s: f64| flop / s / 1e12;
+            let mut line = format!(
+                "matmul_coopmat {shape}{}:",
+                if repeat { " (repeat)" } else { "" }
+            );
+            match timed.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                Some(&(v, full, _)) => {
+                    let _ = write!(
+                        line,
+                        " fastest correct variant {} ({:.1} TFLOP/s)",
+                        v.name(),
+                        tf(full)
                     );
                 }
-                if variant == CoopVariant::DEFAULT {
-                    note.push_str("; used by linear");
+                None => {
+                    let _ = write!(line, " no variant within {COOP_TOL:e}");
                 }
-                let (bm, bn) = variant.tile();
-                rows.push(Row {
-                    kind: "matmul_coopmat",
-                    params: vec![
-                        ("m_n_k", format!("{m}x{nn}x{k}")),
-                        ("weights", "f16".into()),
-                        ("variant", variant.name().into()),
-                        ("tile", format!("{bm}x{bn} coop16x16x16")),
-                        ("check", if ok { "ok" } else { "MISMATCH" }.into()),
-                    ],
-                    seconds: secs,
-                    bytes_per_s: None,
-                    flops: Some(flops),
-                    note,
-                });
             }
-            summary.push(match fastest {
-                Some((v, f)) => format!(
-                    "matmul_coopmat {m}x{nn}x{k}: fastest correct variant {} ({:.1} TFLOP/s); \
-                     linear uses {}",
+            if let Some(&(v, _, Some(tile))) =
+                timed.iter().filter(|t| t.2.is_some()).min_by(|a, b| {
+                    a.2.unwrap_or(f64::INFINITY)
+                        .total_cmp(&b.2.unwrap_or(f64::INFINITY))
+                })
+            {
+                let _ = write!(
+                    line,
+                    "; fastest tile kernel {} ({:.1} TFLOP/s)",
                     v.name(),
-                    f / 1e12,
-                    CoopVariant::DEFAULT.name()
-                ),
-                None => format!("matmul_coopmat {m}x{nn}x{k}: no variant within {COOP_TOL:e}"),
-            });
+                    tf(tile)
+                );
+            }
+            let _ = write!(line, "; to_f16 {:.1} us", conv_secs * 1e6);
+            match timed.iter().find(|t| t.0 == CoopVariant::DEFAULT) {
+                Some(&(v, full, tile)) => {
+                    let _ = write!(line, "; linear uses {} ({:.1} TFLOP/s", v.name(), tf(full));
+                    if let Some(tile) = tile {
+                        let _ = write!(
+                            line,
+                            ", tiles alone {:.1} TFLOP/s, full - tiles - to_f16 = {:.1} us",
+                            tf(tile),
+                            (full - tile - conv_secs) * 1e6
+                        );
+                    }
+                    line.push(')');
+                }
+                None => {
+                    let _ = write!(
+                        line,
+                        "; linear uses {} (not correct here)",
+                        CoopVariant::DEFAULT.name()
+                    );
+                }
+            }
+            summary.push(line);
         }
         for line in &summary {
             println!("{line}");

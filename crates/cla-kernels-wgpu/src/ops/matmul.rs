@@ -5,9 +5,9 @@
 //!   64x64 tiles, 4x4 outputs per thread in vec4 registers, vec4 loads), portable;
 //! - a cooperative-matrix (tensor core) matmul for f16 weights, with activations rounded to
 //!   f16 and f32 accumulation, where the adapter offers 16x16x16 f16 -> f32 tiles
-//!   ([`GpuContext::matmul_coopmat`]); several kernel designs ([`CoopVariant`]:
-//!   `shaders/matmul_coop.wgsl`, `matmul_coop_packed.wgsl`, `matmul_coop_direct.wgsl`) that
-//!   the benchmark compares, [`CoopVariant::DEFAULT`] serving [`GpuContext::linear`];
+//!   ([`GpuContext::matmul_coopmat`]); several kernel designs ([`CoopVariant`], all from
+//!   the template `shaders/matmul_coop.wgsl`) that the benchmark compares,
+//!   [`CoopVariant::DEFAULT`] serving [`GpuContext::linear`];
 //! - the older shared-memory tiled matmul (`shaders/matmul.wgsl`, [`MatmulTile::T4`] / `T8`);
 //! - a matrix-vector product for decode (`shaders/matvec*.wgsl`, a few rows, bound by reading
 //!   the weights once).
@@ -24,23 +24,23 @@ use crate::tensor::{DType, GpuTensor};
 const MATMUL_SRC: &str = include_str!("../shaders/matmul.wgsl");
 const MATMUL_REG_SRC: &str = include_str!("../shaders/matmul_reg.wgsl");
 const MATMUL_COOP_SRC: &str = include_str!("../shaders/matmul_coop.wgsl");
-const MATMUL_COOP_PACKED_SRC: &str = include_str!("../shaders/matmul_coop_packed.wgsl");
-const MATMUL_COOP_DIRECT_SRC: &str = include_str!("../shaders/matmul_coop_direct.wgsl");
 /// Output tile edge of the register-tiled matmul ([`MatmulTile::R64`]).
 const REG_BM: usize = 64;
-/// K slice of the staged cooperative-matrix matmul ([`CoopVariant::Staged`]).
-const COOP_BK: u32 = 64;
-/// f32 -> packed f16 conversion of activations for the cooperative-matrix matmul.
-const TO_F16_SRC: &str = "struct Params { words: u32, _a: u32, _b: u32, _c: u32 }
+/// f32 -> f16 conversion of activations for the cooperative-matrix matmul: 8 values per
+/// invocation (two 16-byte loads, one 16-byte store).
+const TO_F16_SRC: &str = "struct Params { chunks: u32, _a: u32, _b: u32, _c: u32 }
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<vec2<f32>>;
-@group(0) @binding(2) var<storage, read_write> o: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> o: array<vec4<u32>>;
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {
     let i = (wid.x + wid.y * nwg.x) * 256u + lid;
-    if (i < p.words) {
-        o[i] = pack2x16float(x[i]);
+    if (i < p.chunks) {
+        let a = x[2u * i];
+        let b = x[2u * i + 1u];
+        o[i] = vec4<u32>(pack2x16float(a.xy), pack2x16float(a.zw),
+                         pack2x16float(b.xy), pack2x16float(b.zw));
     }
 }
 ";
@@ -97,149 +97,270 @@ impl MatmulTile {
 }
 
 /// Kernel design of the cooperative-matrix (tensor core) matmul
-/// ([`GpuContext::matmul_coopmat_with`]). All of them compute `y = x · wᵀ` from the f16 copy
-/// of `x` and f16 `w` with f32 accumulation, one workgroup per output tile of
-/// [`CoopVariant::tile`]; they differ in how the operands reach the tensor cores.
-/// [`CoopVariant::ALL`] lists them for benchmarks and tests.
+/// ([`GpuContext::matmul_coopmat_with`]). All of them compute `y = x · wᵀ` with f16 `w`, `x`
+/// rounded to f16 and f32 accumulation, one workgroup per output tile of
+/// [`CoopVariant::tile`], staging K slices of both operands through workgroup memory
+/// (`shaders/matmul_coop.wgsl`, generated per design: subgroup grid, accumulators per subgroup,
+/// K slice, one or two slice buffers, workgroup order, f16 or f32 activations). Any `m`, `n`;
+/// `k` a multiple of 8. [`CoopVariant::ALL`] lists them for benchmarks and tests.
+///
+/// Designs that loaded the fragments straight from storage buffers, or staged them in
+/// `vec4<f16>` workgroup arrays, were slower than [`CoopVariant::Staged`] at every measured
+/// shape and were removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CoopVariant {
-    /// `shaders/matmul_coop.wgsl`: 128x128 tiles, 8 subgroups of 64x32 (4 x 2 accumulators),
-    /// K slices of 64 staged in workgroup memory half by half, the next slice fetched into
-    /// registers meanwhile; two barriers per slice. Any `m`, `n`; `k` a multiple of 8. The
-    /// fallback of the direct variants.
+    /// 128x128 tiles, 8 subgroups of 64x32 (4 x 2 accumulators), K slices of 64 in one
+    /// buffer, the next slice fetched into registers meanwhile, two barriers per slice;
+    /// workgroups in grid order (a whole tile row after another).
     Staged,
-    /// `shaders/matmul_coop_packed.wgsl`: 128x128 tiles, 4 subgroups of 64x64 (4 x 4
-    /// accumulators: 8 fragment loads per 16 multiply-adds), K slices of 32 staged in groups
-    /// of 4 halves (one 8-byte store each) in two alternating stages, one barrier per slice.
-    /// Any `m`, `n`; `k` a multiple of 8.
-    Packed,
-    /// `shaders/matmul_coop_direct.wgsl`: 128x128 tiles, 4 subgroups of 64x64, fragments
-    /// loaded straight from the storage buffers (no workgroup memory, no barrier; L1 and L2
-    /// serve the reuse), the next step's fragments in flight during the multiply-adds. Needs
-    /// `k` a multiple of 16 and `m`, `n` of at least 16; other shapes run [`Self::Staged`].
-    Direct,
-    /// As [`Self::Direct`] with 8 subgroups in a 4 x 2 grid: 256x128 tiles (rows x columns
-    /// of `y`), so each fragment of `x` serves 2 subgroups and each of `w` serves 4.
-    DirectWide,
+    /// [`Self::Staged`] with workgroups taken in bands of 8 tile rows, column by column.
+    StagedBanded,
+    /// [`Self::StagedBanded`] with K slices of 32 in two alternating buffers: one barrier per
+    /// slice.
+    StagedDouble,
+    /// 128x128 tiles, 4 subgroups of 64x64 (4 x 4 accumulators: 8 fragment loads per 16
+    /// multiply-adds), K slices of 32 in two buffers, banded order: the removed `vec4<f16>`
+    /// staging design, with the scalar f16 workgroup arrays of [`Self::Staged`].
+    Quad,
+    /// 256x128 tiles (rows x columns of `y`), 8 subgroups of 64x64, K slices of 32 in one
+    /// buffer, banded order.
+    Wide,
+    /// [`Self::Wide`] with K slices of 16 in two buffers: one barrier per slice.
+    WideDouble,
+    /// 128x256 tiles, 8 subgroups of 64x64, K slices of 32 in one buffer, banded order.
+    Tall,
+    /// [`Self::Tall`] reading the f32 activations itself (rounding them to f16 as it stages
+    /// them): no conversion pass and no f16 copy of `x`, at the price of twice the bytes of
+    /// `x` read per tile (the 256 rows of `w` per tile keep the bytes per multiply-add at
+    /// those of [`Self::Staged`]).
+    FusedF32,
+}
+
+/// Parameters of one [`CoopVariant`]'s kernel.
+#[derive(Debug, Clone, Copy)]
+struct CoopDesign {
+    /// Subgroup grid: rows and columns of subgroups in the workgroup.
+    sgm: u32,
+    sgn: u32,
+    /// 16x16 accumulators per subgroup: rows and columns.
+    fm: u32,
+    fn_: u32,
+    /// K slice staged per step.
+    bk: u32,
+    /// Slice buffers in workgroup memory (1 or 2).
+    stages: u32,
+    /// Tile rows per band of the workgroup order; 0 for grid order.
+    group: u32,
+    /// Reads `x` as f32 (rounding it while staging) instead of a converted f16 copy.
+    x_f32: bool,
+}
+
+impl CoopDesign {
+    fn invocations(self) -> u32 {
+        32 * self.sgm * self.sgn
+    }
+    fn tile(self) -> (u32, u32) {
+        (16 * self.fm * self.sgm, 16 * self.fn_ * self.sgn)
+    }
 }
 
 impl CoopVariant {
     /// Every variant, the baseline first.
-    pub const ALL: [CoopVariant; 4] = [
+    pub const ALL: [CoopVariant; 8] = [
         CoopVariant::Staged,
-        CoopVariant::Packed,
-        CoopVariant::Direct,
-        CoopVariant::DirectWide,
+        CoopVariant::StagedBanded,
+        CoopVariant::StagedDouble,
+        CoopVariant::Quad,
+        CoopVariant::Wide,
+        CoopVariant::WideDouble,
+        CoopVariant::Tall,
+        CoopVariant::FusedF32,
     ];
 
-    /// The variant behind [`GpuContext::matmul_coopmat`] and [`GpuContext::linear`].
-    /// `examples/gpu_bench.rs` times every variant on the same inputs and names the fastest
-    /// correct one per shape, so that this choice follows the measurements. The packed
-    /// kernel keeps the staged design's coalesced global reads and stages them with a
-    /// quarter of its workgroup stores, 8 fragment loads per 16 multiply-adds (instead of 6
-    /// per 8) and one barrier per slice.
-    pub const DEFAULT: CoopVariant = CoopVariant::Packed;
+    /// The variant behind [`GpuContext::matmul_coopmat`] and [`GpuContext::linear`]: the
+    /// fastest correct one measured (H200, Vulkan). `examples/gpu_bench.rs` times every
+    /// variant on the same inputs and names the fastest correct one per shape, so that this
+    /// choice follows the measurements.
+    pub const DEFAULT: CoopVariant = CoopVariant::Staged;
 
-    /// Short name (benchmark rows, pipeline names).
+    /// Short name (benchmark rows).
     pub fn name(self) -> &'static str {
         match self {
             CoopVariant::Staged => "staged",
-            CoopVariant::Packed => "packed",
-            CoopVariant::Direct => "direct",
-            CoopVariant::DirectWide => "direct_wide",
+            CoopVariant::StagedBanded => "staged_banded",
+            CoopVariant::StagedDouble => "staged_double",
+            CoopVariant::Quad => "quad",
+            CoopVariant::Wide => "wide",
+            CoopVariant::WideDouble => "wide_double",
+            CoopVariant::Tall => "tall",
+            CoopVariant::FusedF32 => "fused_f32",
+        }
+    }
+
+    fn design(self) -> CoopDesign {
+        let d = |sgm, sgn, fm, fn_, bk, stages, group, x_f32| CoopDesign {
+            sgm,
+            sgn,
+            fm,
+            fn_,
+            bk,
+            stages,
+            group,
+            x_f32,
+        };
+        match self {
+            CoopVariant::Staged => d(2, 4, 4, 2, 64, 1, 0, false),
+            CoopVariant::StagedBanded => d(2, 4, 4, 2, 64, 1, COOP_GROUP, false),
+            CoopVariant::StagedDouble => d(2, 4, 4, 2, 32, 2, COOP_GROUP, false),
+            CoopVariant::Quad => d(2, 2, 4, 4, 32, 2, COOP_GROUP, false),
+            CoopVariant::Wide => d(4, 2, 4, 4, 32, 1, COOP_GROUP, false),
+            CoopVariant::WideDouble => d(4, 2, 4, 4, 16, 2, COOP_GROUP, false),
+            CoopVariant::Tall => d(2, 4, 4, 4, 32, 1, COOP_GROUP, false),
+            CoopVariant::FusedF32 => d(2, 4, 4, 4, 32, 1, COOP_GROUP, true),
         }
     }
 
     /// Output tile of one workgroup: (rows, columns) of `y`.
     pub fn tile(self) -> (usize, usize) {
-        match self {
-            CoopVariant::DirectWide => (256, 128),
-            _ => (128, 128),
-        }
+        let (bm, bn) = self.design().tile();
+        (bm as usize, bn as usize)
     }
 
-    /// Subgroup grid (rows, columns) of the direct variants.
-    fn subgroup_grid(self) -> (u32, u32) {
-        match self {
-            CoopVariant::DirectWide => (4, 2),
-            _ => (2, 2),
-        }
+    /// Whether the kernel reads f32 activations itself. The others read an f16 copy: the one
+    /// given, or one [`GpuContext::matmul_coopmat_with`] converts into a staging buffer.
+    pub fn reads_f32(self) -> bool {
+        self.design().x_f32
     }
 
     /// Invocations per workgroup.
     fn invocations(self) -> u32 {
-        match self {
-            CoopVariant::Staged | CoopVariant::DirectWide => 256,
-            CoopVariant::Packed | CoopVariant::Direct => 128,
-        }
+        self.design().invocations()
     }
 
-    /// Workgroup memory the kernel declares, in bytes.
+    /// Workgroup memory the kernel declares, in bytes: the slice buffers of x and w (rows of
+    /// `bk + 8` halves) and a 16x16 f32 square per subgroup.
     fn shared_bytes(self) -> u32 {
-        match self {
-            // Two slices of 128 rows of `bk + 8` halves, a 16x16 f32 square per subgroup.
-            CoopVariant::Staged => 2 * 128 * (COOP_BK + 8) * 2 + 8 * 256 * 4,
-            // Two stages of x and of w, 128 rows of 32 + 8 halves each; 4 squares.
-            CoopVariant::Packed => 2 * 2 * 128 * (32 + 8) * 2 + 4 * 256 * 4,
-            // Only the edge squares.
-            CoopVariant::Direct | CoopVariant::DirectWide => self.invocations() / 32 * 256 * 4,
-        }
+        let d = self.design();
+        let (bm, bn) = d.tile();
+        d.stages * (bm + bn) * (d.bk + 8) * 2 + d.sgm * d.sgn * 256 * 4
     }
 
-    /// The variant that runs a call of this shape: the direct kernels need `k` a multiple of
-    /// 16 (16-deep fragment steps, 32-byte aligned rows) and at least one whole fragment in
-    /// each output dimension (their edge fragments are clamped inside the matrices).
-    fn for_shape(self, m: usize, n: usize, k: usize) -> CoopVariant {
-        match self {
-            CoopVariant::Direct | CoopVariant::DirectWide
-                if !k.is_multiple_of(16) || m < 16 || n < 16 =>
-            {
-                CoopVariant::Staged
-            }
-            v => v,
-        }
+    /// Whether the device offers the workgroup size and memory this variant declares.
+    fn fits(self, f: &crate::context::GpuFeatures) -> bool {
+        f.max_invocations >= self.invocations() && f.max_workgroup_storage >= self.shared_bytes()
     }
 
     /// Pipeline key of the variant's kernel.
     fn key(self) -> PipelineKey {
-        let params = match self {
-            CoopVariant::Staged => vec![("bk", COOP_BK)],
-            CoopVariant::Packed => vec![("bk", 32)],
-            CoopVariant::Direct | CoopVariant::DirectWide => {
-                let (sgm, sgn) = self.subgroup_grid();
-                vec![("sgm", sgm), ("sgn", sgn)]
-            }
-        };
+        let d = self.design();
         PipelineKey {
-            kernel: match self {
-                CoopVariant::Staged => "matmul_coop",
-                CoopVariant::Packed => "matmul_coop_packed",
-                CoopVariant::Direct | CoopVariant::DirectWide => "matmul_coop_direct",
-            },
-            elems: vec![crate::ElemStorage::F16],
-            params,
+            kernel: "matmul_coop",
+            elems: vec![if d.x_f32 {
+                crate::ElemStorage::F32
+            } else {
+                crate::ElemStorage::F16Packed
+            }],
+            params: vec![
+                ("sgm", d.sgm),
+                ("sgn", d.sgn),
+                ("fm", d.fm),
+                ("fn", d.fn_),
+                ("bk", d.bk),
+                ("st", d.stages),
+                ("g", d.group),
+            ],
         }
     }
 
     /// WGSL of the variant's kernel.
     fn source(self, name: &str) -> Result<String> {
-        match self {
-            CoopVariant::Staged => coop_source(name, COOP_BK),
-            CoopVariant::Packed => render(name, MATMUL_COOP_PACKED_SRC, &[]),
-            CoopVariant::Direct | CoopVariant::DirectWide => {
-                let (sgm, sgn) = self.subgroup_grid();
-                render(
-                    name,
-                    MATMUL_COOP_DIRECT_SRC,
-                    &[
-                        ("SGM", sgm.to_string()),
-                        ("SGN", sgn.to_string()),
-                        ("THREADS", self.invocations().to_string()),
-                    ],
-                )
-            }
+        coop_source(name, self.design())
+    }
+}
+
+/// Tile rows per band of the banded workgroup order.
+const COOP_GROUP: u32 = 8;
+
+/// The staged cooperative-matrix kernel for one design: fills the template's constants and
+/// writes out its unrolled accumulator code.
+fn coop_source(name: &str, d: CoopDesign) -> Result<String> {
+    use std::fmt::Write as _;
+    let (fm, fn_) = (d.fm, d.fn_);
+    let mut acc = String::new();
+    let mut step = String::from("            for (var kk = 0u; kk < BK; kk += 16u) {\n");
+    let mut store = String::new();
+    for i in 0..fm {
+        let _ = writeln!(
+            step,
+            "                let a{i} = coopLoadT<FragA>(&xs[xo + (sm + {}u) * LDS + kk], LDS);",
+            16 * i
+        );
+    }
+    for j in 0..fn_ {
+        let _ = writeln!(
+            step,
+            "                let b{j} = coopLoad<FragB>(&ws[wo + (sn + {}u) * LDS + kk], LDS);",
+            16 * j
+        );
+    }
+    for i in 0..fm {
+        for j in 0..fn_ {
+            let _ = writeln!(acc, "    var c{i}{j} = Acc();");
+            let _ = writeln!(
+                step,
+                "                c{i}{j} = coopMultiplyAdd(a{i}, b{j}, c{i}{j});"
+            );
+            let _ = writeln!(
+                store,
+                "    store_tile(c{i}{j}, r + {}u, c + {}u, full, sg, lane);",
+                16 * i,
+                16 * j
+            );
         }
     }
+    step.push_str("            }");
+    let x_decl = if d.x_f32 {
+        "@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;\n\
+         struct XChunk { lo: vec4<f32>, hi: vec4<f32> }\n\
+         fn x_chunk(c: u32) -> XChunk { return XChunk(x[2u * c], x[2u * c + 1u]); }\n\
+         fn x_zero() -> XChunk { return XChunk(vec4<f32>(0.0), vec4<f32>(0.0)); }\n\
+         fn put_x(at: u32, v: XChunk) {\n\
+         \x20   let lo = vec4<f16>(v.lo);\n\
+         \x20   let hi = vec4<f16>(v.hi);\n\
+         \x20   xs[at] = lo.x;\n\
+         \x20   xs[at + 1u] = lo.y;\n\
+         \x20   xs[at + 2u] = lo.z;\n\
+         \x20   xs[at + 3u] = lo.w;\n\
+         \x20   xs[at + 4u] = hi.x;\n\
+         \x20   xs[at + 5u] = hi.y;\n\
+         \x20   xs[at + 6u] = hi.z;\n\
+         \x20   xs[at + 7u] = hi.w;\n\
+         }"
+    } else {
+        "@group(0) @binding(1) var<storage, read> x: array<vec4<u32>>;\n\
+         alias XChunk = vec4<u32>;\n\
+         fn x_chunk(c: u32) -> XChunk { return x[c]; }\n\
+         fn x_zero() -> XChunk { return vec4<u32>(0u); }\n\
+         fn put_x(at: u32, v: XChunk) { put_x_packed(at, v); }"
+    };
+    render(
+        name,
+        MATMUL_COOP_SRC,
+        &[
+            ("SGM", d.sgm.to_string()),
+            ("SGN", d.sgn.to_string()),
+            ("FM", fm.to_string()),
+            ("FN", fn_.to_string()),
+            ("BK", d.bk.to_string()),
+            ("STAGES", d.stages.to_string()),
+            ("GROUP", d.group.to_string()),
+            ("THREADS", d.invocations().to_string()),
+            ("X_DECL", x_decl.to_owned()),
+            ("ACC_DECL", acc),
+            ("STEP", step),
+            ("STORE", store),
+        ],
+    )
 }
 
 struct LinearShape {
@@ -249,6 +370,16 @@ struct LinearShape {
 }
 
 fn linear_shape(x: &GpuTensor, w: &GpuTensor, y: &GpuTensor) -> Result<LinearShape> {
+    linear_shape_x(x, w, y, DType::F32)
+}
+
+/// [`linear_shape`] with activations of `x_dtype`.
+fn linear_shape_x(
+    x: &GpuTensor,
+    w: &GpuTensor,
+    y: &GpuTensor,
+    x_dtype: DType,
+) -> Result<LinearShape> {
     ensure_arg!(
         w.shape.len() == 2,
         "linear: weight must be [out_features, in_features], got {:?}",
@@ -262,7 +393,7 @@ fn linear_shape(x: &GpuTensor, w: &GpuTensor, y: &GpuTensor) -> Result<LinearSha
         x.shape
     );
     let m = x.numel() / k;
-    expect(x, "linear x", DType::F32, m * k)?;
+    expect(x, "linear x", x_dtype, m * k)?;
     expect_float(w, "linear weight", n * k)?;
     expect(y, "linear y", DType::F32, m * n)?;
     ensure_arg!(
@@ -300,17 +431,16 @@ impl GpuContext {
         }
     }
 
-    /// Whether the device can run [`GpuContext::matmul_coopmat`] (every [`CoopVariant`]): a
-    /// 16x16x16 f16 -> f32 cooperative-matrix shape, native f16, subgroups of exactly 32
-    /// invocations and enough invocations and workgroup memory for each variant.
-    /// `CLA_GPU_DISABLE=coopmat` switches it off.
+    /// Whether the device can run [`GpuContext::matmul_coopmat`]: a 16x16x16 f16 -> f32
+    /// cooperative-matrix shape, native f16, subgroups of exactly 32 invocations and enough
+    /// invocations and workgroup memory for [`CoopVariant::DEFAULT`] (other variants may need
+    /// more; [`GpuContext::matmul_coopmat_with`] says so). `CLA_GPU_DISABLE=coopmat` switches
+    /// it off.
     pub fn coopmat_f16_available(&self) -> bool {
         let f = self.features();
         f.shader_f16
             && f.subgroup_size == (32, 32)
-            && CoopVariant::ALL.iter().all(|v| {
-                f.max_invocations >= v.invocations() && f.max_workgroup_storage >= v.shared_bytes()
-            })
+            && CoopVariant::DEFAULT.fits(f)
             && f.cooperative_matrix
                 .iter()
                 .any(|c| (c.m, c.n, c.k) == (16, 16, 16) && c.ab == "F16" && c.cr == "F32")
@@ -334,9 +464,11 @@ impl GpuContext {
         self.matmul_coopmat_with(encoder, x, w, y, CoopVariant::DEFAULT)
     }
 
-    /// [`GpuContext::matmul_coopmat`] with a chosen kernel design. Same shapes for every
-    /// variant: a direct variant hands the shapes it cannot take (`k` not a multiple of 16,
-    /// fewer than 16 rows or columns) to [`CoopVariant::Staged`].
+    /// [`GpuContext::matmul_coopmat`] with a chosen kernel design, `x` f32 or already f16.
+    /// An f32 `x` is converted to f16 first ([`GpuContext::to_f16`], into the context's
+    /// staging buffer) unless the variant [reads f32](CoopVariant::reads_f32) itself; an f16
+    /// `x` goes straight to the tile kernel (not accepted by the variants that read f32).
+    /// `NotAvailable` when the device lacks the variant's workgroup size or memory.
     pub fn matmul_coopmat_with(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -345,7 +477,8 @@ impl GpuContext {
         y: &GpuTensor,
         variant: CoopVariant,
     ) -> Result<()> {
-        let s = linear_shape(x, w, y)?;
+        let x_f16 = x.dtype == DType::F16;
+        let s = linear_shape_x(x, w, y, if x_f16 { DType::F16 } else { DType::F32 })?;
         ensure_arg!(
             w.dtype == DType::F16,
             "matmul_coopmat: weights must be f16, got {:?}",
@@ -356,6 +489,11 @@ impl GpuContext {
             "matmul_coopmat: in_features {} is not a multiple of 8",
             s.k
         );
+        ensure_arg!(
+            !(x_f16 && variant.reads_f32()),
+            "matmul_coopmat: variant {} reads f32 activations, got f16",
+            variant.name()
+        );
         if !self.coopmat_f16_available() {
             return Err(crate::GpuError::NotAvailable(
                 "matmul_coopmat: no 16x16x16 f16 -> f32 cooperative matrix with subgroups of 32 \
@@ -363,63 +501,103 @@ impl GpuContext {
                     .into(),
             ));
         }
+        if !variant.fits(self.features()) {
+            return Err(crate::GpuError::NotAvailable(format!(
+                "matmul_coopmat {}: needs {} invocations and {} bytes of workgroup memory, the \
+                 adapter has {} and {}",
+                variant.name(),
+                variant.invocations(),
+                variant.shared_bytes(),
+                self.features().max_invocations,
+                self.features().max_workgroup_storage
+            )));
+        }
         self.check_binding("linear weight", w.byte_len() as u64)?;
-        let half_bytes = (s.m * s.k * 2) as u64;
-        self.check_binding("matmul_coopmat f16 activations", half_bytes)?;
-        let variant = variant.for_shape(s.m, s.n, s.k);
+        self.check_binding("matmul_coopmat activations", x.byte_len() as u64)?;
         let (bm, bn) = variant.tile();
         let (gx, gy) = self.output_tile_grid("matmul_coopmat", &s, bm, bn)?;
-        let staging = self.coop_staging(half_bytes)?;
-
-        // 1. Activations to f16 (two per word).
-        let words = s.m * s.k / 2;
-        let conv = self.kernel(
-            PipelineKey {
-                kernel: "to_f16",
-                elems: vec![],
-                params: vec![],
-            },
-            &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
-            |_| Ok(TO_F16_SRC.to_owned()),
-        )?;
-        let params = self.uniform(&[u32_of("to_f16 words", words)?]);
-        let (cx, cy) = self.grid((words as u64).div_ceil(256))?;
-        self.dispatch(
-            encoder,
-            &conv,
-            &[
-                params.as_entire_binding(),
-                whole(x),
-                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &staging,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(half_bytes),
-                }),
-            ],
-            (cx, cy, 1),
-        );
-
-        // 2. The tensor-core tiles.
         let kernel = self.kernel(
             variant.key(),
             &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
             |name| variant.source(name),
         )?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
+        if x_f16 || variant.reads_f32() {
+            self.dispatch(
+                encoder,
+                &kernel,
+                &[params.as_entire_binding(), whole(x), whole(w), whole(y)],
+                (gx, gy, 1),
+            );
+            return Ok(());
+        }
+        // Activations to f16 in the staging buffer, then the tiles.
+        let half_bytes = (s.m * s.k * 2) as u64;
+        self.check_binding("matmul_coopmat f16 activations", half_bytes)?;
+        let staging = self.coop_staging(half_bytes)?;
+        let staged = || {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &staging,
+                offset: 0,
+                size: wgpu::BufferSize::new(half_bytes),
+            })
+        };
+        self.to_f16_into(encoder, x, staged(), s.m * s.k)?;
         self.dispatch(
             encoder,
             &kernel,
-            &[
-                params.as_entire_binding(),
-                wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: &staging,
-                    offset: 0,
-                    size: wgpu::BufferSize::new(half_bytes),
-                }),
-                whole(w),
-                whole(y),
-            ],
+            &[params.as_entire_binding(), staged(), whole(w), whole(y)],
             (gx, gy, 1),
+        );
+        Ok(())
+    }
+
+    /// Rounds f32 `x` to f16 `out` (same element count, a multiple of 8), as
+    /// [`GpuContext::matmul_coopmat`] does with its activations; with `out` as its `x`,
+    /// [`GpuContext::matmul_coopmat_with`] then runs the tile kernel alone.
+    pub fn to_f16(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        out: &GpuTensor,
+    ) -> Result<()> {
+        let numel = x.numel();
+        expect(x, "to_f16 x", DType::F32, numel)?;
+        expect(out, "to_f16 out", DType::F16, numel)?;
+        ensure_arg!(
+            numel.is_multiple_of(8),
+            "to_f16: {numel} elements is not a multiple of 8"
+        );
+        self.check_binding("to_f16 x", x.byte_len() as u64)?;
+        self.to_f16_into(encoder, x, whole(out), numel)
+    }
+
+    /// Records the f32 -> f16 conversion of the `numel` (a multiple of 8) values of `x` into
+    /// `out`.
+    fn to_f16_into(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        out: wgpu::BindingResource<'_>,
+        numel: usize,
+    ) -> Result<()> {
+        let chunks = numel / 8;
+        let conv = self.kernel(
+            PipelineKey {
+                kernel: "to_f16",
+                elems: vec![],
+                params: vec![("per", 8)],
+            },
+            &[Bind::Uniform, Bind::Read, Bind::ReadWrite],
+            |_| Ok(TO_F16_SRC.to_owned()),
+        )?;
+        let params = self.uniform(&[u32_of("to_f16 chunks", chunks)?]);
+        let (cx, cy) = self.grid((chunks as u64).div_ceil(256))?;
+        self.dispatch(
+            encoder,
+            &conv,
+            &[params.as_entire_binding(), whole(x), out],
+            (cx, cy, 1),
         );
         Ok(())
     }
@@ -685,10 +863,6 @@ impl GpuContext {
     }
 }
 
-fn coop_source(name: &str, bk: u32) -> Result<String> {
-    render(name, MATMUL_COOP_SRC, &[("BK", bk.to_string())])
-}
-
 /// Bindings 1 (x) and 2 (w) of the register-tiled matmul with their vec4 loaders. With
 /// `vec4`, `k` is a multiple of 4, so a group of 4 is either wholly inside a row or outside.
 fn reg_decls(w: crate::ElemStorage, vec4: bool) -> String {
@@ -863,15 +1037,11 @@ mod tests {
     }
 
     /// The software device has no cooperative matrices: check that naga accepts every
-    /// tensor-core kernel (each variant, and the staged kernel's other K slice), and that the
-    /// workgroup size and workgroup memory the wrapper budgets for are what the WGSL declares.
+    /// tensor-core kernel (each variant) and the conversion kernel, and that the workgroup
+    /// size and workgroup memory the wrapper budgets for are what the WGSL declares.
     #[test]
     fn coopmat_kernel_passes_naga_validation() {
         use wgpu::naga;
-        for bk in [32u32, 64] {
-            let src = super::coop_source("matmul_coop", bk).unwrap();
-            validate_coop(&format!("staged bk {bk}"), &src);
-        }
         for v in CoopVariant::ALL {
             let name = v.key().name();
             let module = validate_coop(&name, &v.source(&name).unwrap());
@@ -887,20 +1057,45 @@ mod tests {
                 .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
                 .sum();
             assert_eq!(shared, v.shared_bytes(), "{name}: workgroup memory");
-            let (bm, bn) = v.tile();
-            assert!(bm % 128 == 0 && bn % 128 == 0, "{name}: tile {bm}x{bn}");
+            // Every invocation stages whole chunks of 8 halves of both operands, and the
+            // fragments of a K slice are whole 16-deep steps.
+            let d = v.design();
+            let (bm, bn) = d.tile();
+            let per_slice = d.bk / 8;
+            assert!(d.bk % 16 == 0, "{name}: slice {}", d.bk);
+            assert!(
+                (bm * per_slice) % d.invocations() == 0 && (bn * per_slice) % d.invocations() == 0,
+                "{name}: {bm}x{bn} tile, slice {} over {} invocations",
+                d.bk,
+                d.invocations()
+            );
+            assert!(d.stages == 1 || d.stages == 2, "{name}: stages");
+            // Fits the 48 KiB of workgroup memory Vulkan drivers commonly offer.
+            assert!(
+                v.shared_bytes() <= 48 << 10,
+                "{name}: {} bytes",
+                v.shared_bytes()
+            );
         }
+        let names: std::collections::HashSet<_> =
+            CoopVariant::ALL.iter().map(|v| v.key()).collect();
+        assert_eq!(
+            names.len(),
+            CoopVariant::ALL.len(),
+            "pipeline keys must differ"
+        );
         validate_coop("to_f16", super::TO_F16_SRC);
     }
 
-    /// Every variant against the CPU on the tensor-core device: full tiles, edge tiles (`m`,
-    /// `n` not multiples of the tile, `n` not a multiple of 4 so that in-bounds tiles take the
-    /// staged store), a single K step, `k` not a multiple of 16 and fewer than 16 rows or
-    /// columns (the direct variants' fallback). Without cooperative matrices every variant
-    /// must report `NotAvailable`.
+    /// Every variant against the CPU on the tensor-core device, with f32 activations and with
+    /// an f16 copy made by `to_f16` (the tile kernel alone): full tiles, edge tiles (`m`, `n`
+    /// not multiples of the tile, `n` not a multiple of 4 so that in-bounds tiles take the
+    /// staged store), a single K step, `k` not a multiple of the K slices, fewer than 16 rows
+    /// or columns, and more tile rows than one band of the banded order. Without cooperative
+    /// matrices every variant must report `NotAvailable`.
     #[test]
     fn coopmat_variants_match_cpu() {
-        let shapes: [(usize, usize, usize); 9] = [
+        let shapes: [(usize, usize, usize); 11] = [
             (256, 256, 64),
             (384, 256, 80),
             (200, 136, 48),
@@ -910,36 +1105,77 @@ mod tests {
             (260, 140, 24),
             (9, 20, 24),
             (20, 9, 16),
+            (520, 264, 104),
+            (2100, 136, 16),
         ];
         for c in both_ctx() {
             for (i, &(m, n, k)) in shapes.iter().enumerate() {
                 let x = round_f16(&values(i as u64 + 11, m * k));
                 let w = round_f16(&values(i as u64 + 101, n * k));
                 let tx = c.upload_f32(&x, &[m, k]).unwrap();
+                let tx16 = c.upload_f32_as_f16(&x, &[m, k]).unwrap();
                 let tw = c.upload_f32_as_f16(&w, &[n, k]).unwrap();
                 let want = reference(&x, &w, m, n, k);
                 for v in CoopVariant::ALL {
-                    let y = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
-                    c.fill_u32_pattern(&y, POISON);
-                    let mut enc = c.encoder();
-                    let r = c.matmul_coopmat_with(&mut enc, &tx, &tw, &y, v);
-                    if !c.coopmat_f16_available() {
-                        assert!(
-                            matches!(r, Err(crate::GpuError::NotAvailable(_))),
-                            "{v:?} without cooperative matrices: {r:?}"
+                    for x_in in [&tx, &tx16] {
+                        if x_in.dtype == crate::DType::F16 && v.reads_f32() {
+                            continue;
+                        }
+                        let y = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
+                        c.fill_u32_pattern(&y, POISON);
+                        let mut enc = c.encoder();
+                        let r = c.matmul_coopmat_with(&mut enc, x_in, &tw, &y, v);
+                        if !c.coopmat_f16_available() {
+                            assert!(
+                                matches!(r, Err(crate::GpuError::NotAvailable(_))),
+                                "{v:?} without cooperative matrices: {r:?}"
+                            );
+                            continue;
+                        }
+                        r.unwrap();
+                        c.submit_and_wait(enc).unwrap();
+                        assert_close(
+                            &format!("coopmat {v:?} x {:?} {m}x{n}x{k}", x_in.dtype),
+                            &c.read_f32(&y).unwrap(),
+                            &want,
+                            1e-4,
                         );
-                        continue;
                     }
-                    r.unwrap();
-                    c.submit_and_wait(enc).unwrap();
-                    assert_close(
-                        &format!("coopmat {v:?} {m}x{n}x{k}"),
-                        &c.read_f32(&y).unwrap(),
-                        &want,
-                        1e-4,
-                    );
                 }
             }
+        }
+    }
+
+    /// The conversion kernel on every device (it needs no f16 support): rounding, sizes that leave a partial last workgroup, and the f16 output `matmul_coopmat_with`
+    /// accepts.
+    #[test]
+    fn to_f16_rounds_like_the_cpu() {
+        for c in both_ctx() {
+            for len in [8usize, 2056, 40_000] {
+                let x: Vec<f32> = values(len as u64, len).iter().map(|v| v * 300.0).collect();
+                let tx = c.upload_f32(&x, &[len / 8, 8]).unwrap();
+                let out = c
+                    .create_tensor(&[len / 8, 8], crate::DType::F16, "h")
+                    .unwrap();
+                let mut enc = c.encoder();
+                c.to_f16(&mut enc, &tx, &out).unwrap();
+                c.submit_and_wait(enc).unwrap();
+                let bytes = c.read_bytes(&out.buffer).unwrap();
+                let got: &[half::f16] = bytemuck::cast_slice(&bytes[..len * 2]);
+                // Nearest or, on a tie, either neighbour: at most one unit in the last place.
+                for (i, (g, v)) in got.iter().zip(&x).enumerate() {
+                    let want = half::f16::from_f32(*v);
+                    let ulps = (i32::from(g.to_bits()) - i32::from(want.to_bits())).abs();
+                    assert!(ulps <= 1, "{len}: element {i}: {g} for {v} ({want})");
+                }
+            }
+            let x = c.upload_f32(&[0.0; 12], &[3, 4]).unwrap();
+            let out = c.create_tensor(&[3, 4], crate::DType::F16, "h").unwrap();
+            let mut enc = c.encoder();
+            assert!(matches!(
+                c.to_f16(&mut enc, &x, &out),
+                Err(crate::GpuError::InvalidArgument(_))
+            ));
         }
     }
 
