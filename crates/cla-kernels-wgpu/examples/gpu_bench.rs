@@ -10,7 +10,8 @@
 //!   The larger of the two is the ceiling for memory-bound kernels: every bandwidth figure is
 //!   printed as a percentage of it (and of the compute copy).
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
-//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second.
+//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second,
+//!   for each decode kernel the device runs (tiled, lanes; see `DecodeKernel`).
 //!   Configurations whose K/V region exceeds the adapter's storage-binding limit are skipped.
 //! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
@@ -36,12 +37,13 @@
 //! `--device cpu`). The cooperative-matrix row says why when the path is unavailable.
 //!
 //! ```text
-//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] OUT.json
+//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec] OUT.json
 //! ```
 
 use std::fmt::Write as _;
 use std::time::Instant;
 
+use cla_kernels_wgpu::ops::attention::{DecodeKernel, DecodeOptions};
 use cla_kernels_wgpu::ops::matmul::{CoopVariant, MatmulTile};
 use cla_kernels_wgpu::{
     DType, DeviceSelector, GpuContext, GpuError, KvPool, PagedKvLayout, SeqBatch, SeqDesc,
@@ -53,6 +55,8 @@ struct Args {
     quick: bool,
     ref_tflops: Option<f64>,
     device: Option<String>,
+    /// Sections to run besides the copy ceiling (None: all).
+    only: Option<Vec<String>>,
     out: String,
 }
 
@@ -61,11 +65,16 @@ fn parse_args() -> BenchResult<Args> {
     let mut device = None;
     let mut ref_tflops = None;
     let mut out = None;
+    let mut only = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--device" => device = Some(it.next().ok_or("--device needs a value")?),
+            "--only" => {
+                let list = it.next().ok_or("--only needs a list: attn,matmul,matvec")?;
+                only = Some(list.split(',').map(str::to_owned).collect());
+            }
             "--ref-tflops" => {
                 ref_tflops = Some(
                     it.next()
@@ -75,7 +84,9 @@ fn parse_args() -> BenchResult<Args> {
                 )
             }
             "-h" | "--help" => {
-                println!("usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] OUT.json");
+                println!(
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec] OUT.json"
+                );
                 std::process::exit(0);
             }
             _ if out.is_none() && !a.starts_with("--") => out = Some(a),
@@ -86,11 +97,18 @@ fn parse_args() -> BenchResult<Args> {
         quick,
         ref_tflops,
         device,
+        only,
         out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] OUT.json")?,
     })
 }
 
-/// Times `iters` repetitions of the recorded work; returns seconds per repetition and the
+/// GPU-busy time before each measurement.
+const WARM_UP: std::time::Duration = std::time::Duration::from_millis(300);
+/// Shortest timed window.
+const MIN_WINDOW: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Times at least `iters` repetitions of the recorded work (after a warm-up); returns seconds
+/// per repetition and the
 /// clock used.
 struct Timer<'a> {
     ctx: &'a GpuContext,
@@ -115,10 +133,26 @@ impl<'a> Timer<'a> {
         record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), GpuError>,
     ) -> BenchResult<f64> {
         let ctx = self.ctx;
-        // Warm-up: builds pipelines and touches memory.
-        let mut enc = ctx.encoder();
-        record(&mut enc)?;
-        ctx.submit_and_wait(enc)?;
+        // Warm-up: builds pipelines, touches memory, and keeps the GPU busy for WARM_UP so
+        // that its clocks are back up after the idle gap of the setup (timing a short window
+        // right after an idle host-side gap measured a 4096^3 matmul at a fifth of its speed).
+        let start = Instant::now();
+        let mut calls = 0usize;
+        let mut batch = 1usize;
+        while calls == 0 || start.elapsed() < WARM_UP {
+            let mut enc = ctx.encoder();
+            for _ in 0..batch {
+                record(&mut enc)?;
+            }
+            ctx.submit_and_wait(enc)?;
+            calls += batch;
+            batch = (batch * 2).min(64);
+        }
+        // Enough repetitions that the timed window is at least MIN_WINDOW.
+        let per_call = start.elapsed().as_secs_f64() / calls as f64;
+        let iters = iters
+            .max((MIN_WINDOW.as_secs_f64() / per_call).ceil() as usize)
+            .min(10_000);
         if self.gpu {
             let qs = ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("bench"),
@@ -195,6 +229,11 @@ fn main() -> BenchResult<()> {
     println!("features: {feats:?}");
     let mut rows: Vec<Row> = Vec::new();
     let q = args.quick;
+    let want = |section: &str| {
+        args.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == section))
+    };
 
     // 1. Copy bandwidth: the ceiling.
     let copy_bytes: u64 = if q { 4 << 20 } else { 512 << 20 };
@@ -248,7 +287,12 @@ fn main() -> BenchResult<()> {
         &[1024, 2048, 4096, 8192, 16384, 32768]
     };
     let batches: &[usize] = if q { &[1, 4] } else { &[1, 4, 16, 64] };
-    for &(label, n_q_heads, n_kv_heads) in &[("mqa", 32u32, 1u32), ("gqa4", 32, 8)] {
+    let layouts: &[(&str, u32, u32)] = if want("attn") {
+        &[("mqa", 32, 1), ("gqa4", 32, 8)]
+    } else {
+        &[]
+    };
+    for &(label, n_q_heads, n_kv_heads) in layouts {
         for &batch in batches {
             for &context in contexts {
                 let blocks_per_seq = context.div_ceil(block_size as usize);
@@ -305,18 +349,44 @@ fn main() -> BenchResult<()> {
                     v_base: 0,
                     layout,
                 };
-                let secs = timer.time(if q { 2 } else { 20 }, &mut |enc| {
-                    ctx.attention_decode(enc, &qt, &sb, &pool, &out)
-                })?;
                 let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
-                rows.push(Row {
-                    kind: "attn_decode",
-                    params,
-                    seconds: secs,
-                    bytes_per_s: Some(bytes / secs),
-                    flops: Some(4.0 * (batch * context) as f64 * f64::from(n_q_heads * hd) / secs),
-                    note: pct(bytes / secs),
-                });
+                for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes] {
+                    let opts = DecodeOptions {
+                        chunk: None,
+                        kernel,
+                    };
+                    let mut params = params.clone();
+                    params.push(("kernel", format!("{kernel:?}").to_lowercase()));
+                    eprintln!("attn_decode {label} batch {batch} context {context} {kernel:?}");
+                    let mut probe = ctx.encoder();
+                    if let Err(GpuError::NotAvailable(why)) =
+                        ctx.attention_decode_with(&mut probe, &qt, &sb, &pool, &out, opts)
+                    {
+                        rows.push(Row {
+                            kind: "attn_decode",
+                            params,
+                            seconds: 0.0,
+                            bytes_per_s: None,
+                            flops: None,
+                            note: format!("not available: {why}"),
+                        });
+                        continue;
+                    }
+                    let secs = timer.time(if q { 2 } else { 20 }, &mut |enc| {
+                        ctx.attention_decode_with(enc, &qt, &sb, &pool, &out, opts)
+                    })?;
+                    eprintln!("  {:.1} GB/s, {}", bytes / secs / 1e9, pct(bytes / secs));
+                    rows.push(Row {
+                        kind: "attn_decode",
+                        params,
+                        seconds: secs,
+                        bytes_per_s: Some(bytes / secs),
+                        flops: Some(
+                            4.0 * (batch * context) as f64 * f64::from(n_q_heads * hd) / secs,
+                        ),
+                        note: pct(bytes / secs),
+                    });
+                }
             }
         }
     }
@@ -477,7 +547,7 @@ fn main() -> BenchResult<()> {
                             100.0 * flops / (r * 1e12)
                         );
                     }
-                    if variant == CoopVariant::DEFAULT && secs_of.is_empty() {
+                    if variant == CoopVariant::for_shape(m, nn, &feats) && secs_of.is_empty() {
                         note.push_str("; used by linear");
                     }
                     params.push(("check", if ok { "ok" } else { "MISMATCH" }.into()));
@@ -527,7 +597,8 @@ fn main() -> BenchResult<()> {
                 );
             }
             let _ = write!(line, "; to_f16 {:.1} us", conv_secs * 1e6);
-            match timed.iter().find(|t| t.0 == CoopVariant::DEFAULT) {
+            let used = CoopVariant::for_shape(m, nn, &feats);
+            match timed.iter().find(|t| t.0 == used) {
                 Some(&(v, full, tile)) => {
                     let _ = write!(line, "; linear uses {} ({:.1} TFLOP/s", v.name(), tf(full));
                     if let Some(tile) = tile {
@@ -541,11 +612,7 @@ fn main() -> BenchResult<()> {
                     line.push(')');
                 }
                 None => {
-                    let _ = write!(
-                        line,
-                        "; linear uses {} (not correct here)",
-                        CoopVariant::DEFAULT.name()
-                    );
+                    let _ = write!(line, "; linear uses {} (not correct here)", used.name());
                 }
             }
             summary.push(line);

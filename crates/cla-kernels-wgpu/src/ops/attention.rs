@@ -289,8 +289,10 @@ pub enum DecodeKernel {
     /// dtype and layout.
     Tiled,
     /// Lane groups streaming K/V through registers (`shaders/attn_decode_lanes.wgsl`): needs
-    /// subgroups, at most [`LANES_MAX_GROUP`] query heads per K/V head, K and V of one dtype,
-    /// and head_dim, strides and bases that are multiples of one 16-byte load.
+    /// subgroups, a group of at most [`LANES_MAX_HEADS`] query heads per K/V head or one
+    /// that splits into equal shares of [`LANES_MIN_SHARE`]..=[`LANES_MAX_HEADS`] (one
+    /// workgroup each), K and V of one dtype, and head_dim, strides and bases that are
+    /// multiples of one 16-byte load.
     Lanes,
 }
 
@@ -305,15 +307,21 @@ pub struct DecodeOptions {
     pub kernel: DecodeKernel,
 }
 
-/// Most query heads per K/V head for [`DecodeKernel::Lanes`]: each lane keeps its dims of
+/// Most query heads per workgroup of [`DecodeKernel::Lanes`]: each lane keeps its dims of
 /// every query row and of every output row in registers.
-pub const LANES_MAX_GROUP: u32 = 16;
+pub const LANES_MAX_HEADS: u32 = 8;
+/// Fewest query heads per workgroup when [`DecodeKernel::Lanes`] splits a larger group:
+/// below that, re-reading the K/V rows for every share costs more than it saves.
+pub const LANES_MIN_SHARE: u32 = 4;
 /// Threads per lane-group workgroup (at least).
 const LANES_WG: u32 = 128;
 
 /// Tiling of the lane-group kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct LanesPlan {
+    /// Query heads per workgroup, and workgroups per group.
+    heads: u32,
+    row_groups: u32,
     /// Elements per vector load (8 halves or 4 floats) and vec4<f32>s per load.
     vw: u32,
     vq: u32,
@@ -347,9 +355,15 @@ fn lanes_plan(
     let Some((sg_min, sg_max)) = subgroup else {
         return Err("the lane-group kernel needs subgroup operations".into());
     };
-    if group > LANES_MAX_GROUP {
+    // Query heads per workgroup: the group, or its largest divisor that fits.
+    let heads = (1..=group.min(LANES_MAX_HEADS))
+        .rev()
+        .find(|d| group.is_multiple_of(*d))
+        .unwrap_or(1);
+    if heads != group && heads < LANES_MIN_SHARE {
         return Err(format!(
-            "the lane-group kernel takes at most {LANES_MAX_GROUP} query heads per K/V head, got {group}"
+            "the lane-group kernel takes up to {LANES_MAX_HEADS} query heads per workgroup; a group \
+             of {group} has no share of {LANES_MIN_SHARE} to {LANES_MAX_HEADS}"
         ));
     }
     let f32s = sk == ElemStorage::F32;
@@ -368,9 +382,11 @@ fn lanes_plan(
         nv += 1;
     }
     let l = vecs.div_ceil(nv).next_power_of_two();
-    let t = if group * nv * vw <= 32 { 4 } else { 2 };
+    let t = if heads * nv * vw <= 32 { 4 } else { 2 };
     let wg = LANES_WG.max(sg_max);
     Ok(LanesPlan {
+        heads,
+        row_groups: group / heads,
         vw,
         vq,
         l,
@@ -381,14 +397,7 @@ fn lanes_plan(
     })
 }
 
-fn lanes_source(
-    name: &str,
-    hd: u32,
-    group: u32,
-    block_size: u32,
-    f32s: bool,
-    p: &LanesPlan,
-) -> Result<String> {
+fn lanes_source(name: &str, hd: u32, block_size: u32, f32s: bool, p: &LanesPlan) -> Result<String> {
     let decl = if f32s {
         "@group(0) @binding(4) var<storage, read> k: array<vec4<f32>>;\n\
          @group(0) @binding(5) var<storage, read> v: array<vec4<f32>>;\n\
@@ -413,7 +422,7 @@ fn lanes_source(
         &[
             ("KV_DECL", decl.to_owned()),
             ("HD", hd.to_string()),
-            ("G", group.to_string()),
+            ("G", p.heads.to_string()),
             ("L", p.l.to_string()),
             ("NV", p.nv.to_string()),
             ("VW", p.vw.to_string()),
@@ -750,7 +759,11 @@ impl GpuContext {
                 p.bk as usize,
                 (2 * p.r as usize).max(DECODE_MIN_CHUNK),
             ),
-            DecodeChoice::Lanes(p) => (1, p.keys_per_iter() as usize, 2 * DECODE_MIN_CHUNK),
+            DecodeChoice::Lanes(p) => (
+                p.row_groups,
+                p.keys_per_iter() as usize,
+                2 * DECODE_MIN_CHUNK,
+            ),
         };
         // Split heuristic: enough splits that the dispatch has about
         // DECODE_TARGET_WORKGROUPS workgroups (several per SM even at batch 1).
@@ -870,7 +883,7 @@ impl GpuContext {
             Bind::ReadWrite,
             Bind::ReadWrite,
         ];
-        let (hd, group) = (c.hd, c.group);
+        let hd = c.hd;
         let (sk, sv) = (c.sk, c.sv);
         match *choice {
             DecodeChoice::Tiled(p) => {
@@ -902,7 +915,7 @@ impl GpuContext {
                     }],
                     params: vec![
                         ("hd", hd),
-                        ("g", group),
+                        ("g", p.heads),
                         ("l", p.l),
                         ("nv", p.nv),
                         ("t", p.t),
@@ -911,7 +924,7 @@ impl GpuContext {
                     ],
                 };
                 self.kernel(key, &binds, |name| {
-                    lanes_source(name, hd, group, block_size, f32s, &p)
+                    lanes_source(name, hd, block_size, f32s, &p)
                 })
             }
         }

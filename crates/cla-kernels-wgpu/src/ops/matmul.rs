@@ -7,7 +7,7 @@
 //!   f16 and f32 accumulation, where the adapter offers 16x16x16 f16 -> f32 tiles
 //!   ([`GpuContext::matmul_coopmat`]); several kernel designs ([`CoopVariant`], all from
 //!   the template `shaders/matmul_coop.wgsl`) that the benchmark compares,
-//!   [`CoopVariant::DEFAULT`] serving [`GpuContext::linear`];
+//!   [`CoopVariant::for_shape`] picking the one serving [`GpuContext::linear`];
 //! - the older shared-memory tiled matmul (`shaders/matmul.wgsl`, [`MatmulTile::T4`] / `T8`);
 //! - a matrix-vector product for decode (`shaders/matvec*.wgsl`, a few rows, bound by reading
 //!   the weights once).
@@ -177,11 +177,29 @@ impl CoopVariant {
         CoopVariant::FusedF32,
     ];
 
-    /// The variant behind [`GpuContext::matmul_coopmat`] and [`GpuContext::linear`]: the
-    /// fastest correct one measured (H200, Vulkan). `examples/gpu_bench.rs` times every
-    /// variant on the same inputs and names the fastest correct one per shape, so that this
-    /// choice follows the measurements.
+    /// The baseline variant: the smallest footprint, and the fastest where the output has
+    /// few tiles. [`CoopVariant::for_shape`] picks between it and [`CoopVariant::Wide`].
     pub const DEFAULT: CoopVariant = CoopVariant::Staged;
+
+    /// Output tiles of [`CoopVariant::Wide`] from which it beats the baseline: with fewer,
+    /// its 256-row tiles leave part of a large GPU idle.
+    pub const WIDE_MIN_TILES: usize = 256;
+
+    /// The variant behind [`GpuContext::matmul_coopmat`] and [`GpuContext::linear`] for an
+    /// `m x n` output: [`CoopVariant::Wide`] (256x128 tiles) when it has at least
+    /// [`CoopVariant::WIDE_MIN_TILES`] tiles and fits the device, else
+    /// [`CoopVariant::DEFAULT`]. Measured on an H200 (Vulkan, `examples/gpu_bench.rs`, which
+    /// times every variant on the same inputs): wide 207 / 215 / 196 TFLOP/s against 194 /
+    /// 209 / 188 for the baseline at 4096^3, 8192x4096x4096 and 4000x3000x4096, and 64 us
+    /// against 42 us at 1000x1002x1000 (32 wide tiles).
+    pub fn for_shape(m: usize, n: usize, f: &crate::context::GpuFeatures) -> CoopVariant {
+        let wide_tiles = m.div_ceil(256) * n.div_ceil(128);
+        if wide_tiles >= Self::WIDE_MIN_TILES && CoopVariant::Wide.fits(f) {
+            CoopVariant::Wide
+        } else {
+            CoopVariant::DEFAULT
+        }
+    }
 
     /// Short name (benchmark rows).
     pub fn name(self) -> &'static str {
@@ -450,7 +468,7 @@ impl GpuContext {
         w.dtype == DType::F16 && s.k.is_multiple_of(8) && self.coopmat_f16_available()
     }
 
-    /// `y = x · wᵀ` on the tensor cores with [`CoopVariant::DEFAULT`]: `x` is rounded to f16
+    /// `y = x · wᵀ` on the tensor cores with [`CoopVariant::for_shape`]: `x` is rounded to f16
     /// (into a staging buffer kept by the context), `w` must be f16, products are
     /// accumulated in f32. Needs `k` a multiple of 8 and
     /// [`GpuContext::coopmat_f16_available`]; any `m`, `n`.
@@ -461,7 +479,9 @@ impl GpuContext {
         w: &GpuTensor,
         y: &GpuTensor,
     ) -> Result<()> {
-        self.matmul_coopmat_with(encoder, x, w, y, CoopVariant::DEFAULT)
+        let s = linear_shape(x, w, y)?;
+        let variant = CoopVariant::for_shape(s.m, s.n, self.features());
+        self.matmul_coopmat_with(encoder, x, w, y, variant)
     }
 
     /// [`GpuContext::matmul_coopmat`] with a chosen kernel design, `x` f32 or already f16.

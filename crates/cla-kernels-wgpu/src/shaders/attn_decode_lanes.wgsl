@@ -1,13 +1,14 @@
-// Split-K decode attention for small query groups (MHA, GQA up to 8 query heads per K/V
-// head), built to stream K/V at memory speed: no workgroup memory and no barriers in the
-// main loop.
+// Split-K decode attention built to stream K/V at memory speed: no workgroup memory and no
+// barriers in the main loop.
 //
-// Grid: (splits, kv heads, sequences); a workgroup of WG threads takes one chunk of one
-// sequence's keys for the G query heads of one K/V head. The threads form lane groups of L
+// Grid: (splits, kv heads * row groups, sequences); a workgroup of WG threads takes one chunk
+// of one sequence's keys for G query heads of one K/V head: the whole group (MHA, GQA up to 8
+// query heads per K/V head), or one of `row_groups` equal shares of a larger group (MQA), whose
+// workgroups read the same K/V rows at about the same time, so the repeats come from L2. The threads form lane groups of L
 // lanes (inside one subgroup); each lane owns DPL consecutive dims of every row, so a lane
 // group reads a K or V row with L coalesced vector loads, and consecutive lane groups read
-// consecutive rows. Per iteration each lane group takes T keys (loads for all T issued
-// before any math):
+// consecutive rows. Per iteration each lane group takes T keys, and the loads of the next
+// iteration's T keys are issued before this iteration's math:
 //
 // 1. scores: each lane multiplies its dims of the T keys with its dims of the G queries
 //    (held in registers), then the L lanes sum by subgroup xor-shuffles;
@@ -93,7 +94,9 @@ fn main(
     @builtin(num_subgroups) n_sg: u32,
 ) {
     let seq = wid.z;
-    let kvh = wid.y;
+    let kvh = wid.y / p.row_groups;
+    // First query head of this workgroup.
+    let h0 = kvh * p.group + (wid.y % p.row_groups) * G;
     let qrow = seqs[seq * 4u] + seqs[seq * 4u + 1u] - 1u;
     let kvl = seqs[seq * 4u + 2u];
     let bt0 = seqs[seq * 4u + 3u];
@@ -111,7 +114,7 @@ fn main(
     // This lane's dims of the G queries, pre-scaled.
     var qv: array<vec4<f32>, G * DV>;
     for (var g = 0u; g < G; g++) {
-        let qb = (qrow * p.n_q_heads + kvh * G + g) * HD;
+        let qb = (qrow * p.n_q_heads + h0 + g) * HD;
         for (var c = 0u; c < DV; c++) {
             var v = vec4<f32>(0.0);
             let d = d0 + c * 4u;
@@ -130,12 +133,31 @@ fn main(
         l[g] = 0.0;
     }
 
+    // Loads of T keys' K and V rows (this lane's dims): the first iteration's here, each next
+    // one's at the top of the loop, before the math on the current one.
+    var kr: array<KRaw, T * NV>;
+    var vr: array<KRaw, T * NV>;
+    for (var t = 0u; t < T; t++) {
+        let key = lo + t * NG + grp;
+        if (key < hi && in_head) {
+            let off = row_offset(key, bt0, kvh) + d0;
+            for (var n = 0u; n < NV; n++) {
+                if (d0 + n * VW < HD) {
+                    kr[t * NV + n] = k_ld(p.k_base + off + n * VW);
+                    vr[t * NV + n] = v_ld(p.v_base + off + n * VW);
+                }
+            }
+        }
+    }
+
     for (var base = lo; base < hi; base += NG * T) {
-        // 1. Loads of T keys' K and V rows (this lane's dims), all issued up front.
-        var kr: array<KRaw, T * NV>;
-        var vr: array<KRaw, T * NV>;
+        // 1. This iteration's rows; the next iteration's loads in flight. (Rows past the end
+        // keep stale values from earlier keys: finite, and masked below.)
+        let kc = kr;
+        let vc = vr;
+        let nb = base + NG * T;
         for (var t = 0u; t < T; t++) {
-            let key = base + t * NG + grp;
+            let key = nb + t * NG + grp;
             if (key < hi && in_head) {
                 let off = row_offset(key, bt0, kvh) + d0;
                 for (var n = 0u; n < NV; n++) {
@@ -151,7 +173,7 @@ fn main(
         for (var t = 0u; t < T; t++) {
             for (var n = 0u; n < NV; n++) {
                 for (var h = 0u; h < VQ; h++) {
-                    let kv = cv(kr[t * NV + n], h);
+                    let kv = cv(kc[t * NV + n], h);
                     for (var g = 0u; g < G; g++) {
                         s[t * G + g] += dot(qv[g * DV + n * VQ + h], kv);
                     }
@@ -184,7 +206,7 @@ fn main(
                     for (var n = 0u; n < NV; n++) {
                         for (var h = 0u; h < VQ; h++) {
                             let c = n * VQ + h;
-                            acc[g * DV + c] = fma(vec4<f32>(pv), cv(vr[t * NV + n], h), acc[g * DV + c]);
+                            acc[g * DV + c] = fma(vec4<f32>(pv), cv(vc[t * NV + n], h), acc[g * DV + c]);
                         }
                     }
                 }
@@ -240,7 +262,7 @@ fn main(
         return;
     }
     for (var g = 0u; g < G; g++) {
-        let qh = kvh * G + g;
+        let qh = h0 + g;
         var obase: u32;
         var scale = 1.0;
         if (DIRECT) {

@@ -484,7 +484,8 @@ fn decode_kernels_are_available_where_expected() {
             assert!(s.run_with(c, Some(DecodeKernel::Tiled)));
         }
     }
-    // Groups above the lane-group limit (MQA with 32 query heads) take the tiled kernel.
+    // MQA with 32 query heads: four workgroups of 8 heads; 13 heads: no share of 4 to 8, the
+    // tiled kernel.
     let mqa = Scenario {
         n_kv_heads: 1,
         group: 32,
@@ -497,8 +498,13 @@ fn decode_kernels_are_available_where_expected() {
         seed: 9,
         k_ramp: false,
     };
-    assert!(!mqa.run_with(c, Some(DecodeKernel::Lanes)));
-    assert!(mqa.run_with(c, Some(DecodeKernel::Auto)));
+    assert_eq!(mqa.run_with(c, Some(DecodeKernel::Lanes)), f.subgroup);
+    let odd = Scenario {
+        group: 13,
+        ..mqa.clone()
+    };
+    assert!(!odd.run_with(c, Some(DecodeKernel::Lanes)));
+    assert!(odd.run_with(c, Some(DecodeKernel::Auto)));
 }
 
 /// The lane-group variants a real GPU builds (subgroups of 32, 48 KiB) pass
@@ -534,12 +540,14 @@ fn fast_decode_kernels_pass_naga_validation() {
         ] {
             let p = super::lanes_plan(hd, group, st, st, 8, Some(sg)).unwrap();
             assert!(p.l <= sg.0 && p.l.is_power_of_two(), "{p:?}");
-            let src = super::lanes_source("v", hd, group, 16, st == f32s, &p).unwrap();
+            assert_eq!(p.heads * p.row_groups, group, "{p:?}");
+            let src = super::lanes_source("v", hd, 16, st == f32s, &p).unwrap();
             validate(format!("lanes hd {hd} group {group} {p:?}"), src);
         }
     }
     // What the plan refuses, and says so.
-    assert!(super::lanes_plan(128, 32, f16, f16, 8, Some((32, 32))).is_err());
+    assert!(super::lanes_plan(128, 13, f16, f16, 8, Some((32, 32))).is_err());
+    assert!(super::lanes_plan(128, 18, f16, f16, 8, Some((32, 32))).is_ok());
     assert!(super::lanes_plan(128, 4, f16, f16, 8, None).is_err());
     assert!(super::lanes_plan(90, 4, f16, f16, 2, Some((32, 32))).is_err());
 }
