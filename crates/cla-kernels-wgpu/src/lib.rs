@@ -16,7 +16,8 @@
 //!   producer layer's pool base to a consumer layer; the kernels never know.
 //! - No panics on bad input: shapes and sizes are checked on the CPU and reported as
 //!   [`GpuError::InvalidArgument`]; missing adapter capabilities as [`GpuError::NotAvailable`].
-//! - Every fast path (native f16, subgroups) has a portable fallback that the tests exercise.
+//! - Every fast path (native f16, subgroups, tensor cores, the lane-group decode attention,
+//!   shaders without runtime bounds checks) has a portable fallback that the tests exercise.
 //! - Activations are f32; weights and K/V pools may be f32 or f16.
 //!
 //! # Example

@@ -1,15 +1,19 @@
 //! Causal attention over the paged K/V pool (`shaders/attention.wgsl` for prefill,
-//! `shaders/attn_decode.wgsl` and `shaders/attn_reduce.wgsl` for decode).
+//! `shaders/attn_decode_lanes.wgsl` or `shaders/attn_decode.wgsl`, then
+//! `shaders/attn_reduce.wgsl`, for decode).
 //!
 //! - [`GpuContext::attention_prefill`]: every query row of a batch of sequences (chunked
 //!   prefill: the queries are the last `n_query` tokens of each sequence and may follow an
 //!   earlier prefix in the cache). Tiled with online softmax; one workgroup per query tile and
 //!   query head.
 //! - [`GpuContext::attention_decode`]: one query per sequence, split along the sequence
-//!   (flash-decoding) with a reduce pass (skipped when one split suffices). All query heads of
-//!   a GQA group share a workgroup, so each K/V element is read once per group, not once per
-//!   query head; K/V tiles are fetched with 16-byte loads one tile ahead of the math, and the
-//!   scores and P.V are register-tiled (see the shader's header).
+//!   (flash-decoding) with a reduce pass (skipped when one split suffices). The query heads
+//!   of a GQA group share a workgroup, so each K/V element is read once per group (or once
+//!   per share of a large group, the repeats served by L2). Two kernels
+//!   ([`DecodeKernel`]): lane groups that stream K/V rows through registers with subgroup
+//!   reductions and no workgroup memory in the loop (the fast path), and a portable tiled
+//!   kernel that stages K/V tiles in workgroup memory and register-tiles the scores and P.V
+//!   (any device, head_dim, pool dtype and layout). See the shaders' headers.
 //!
 //! Query head `h` reads kv head `h / (n_q_heads / n_kv_heads)` (MHA, GQA and MQA alike); the
 //! scale is `1/sqrt(head_dim)`; any even head_dim works. The K/V a layer reads is whatever
