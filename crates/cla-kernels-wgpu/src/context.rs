@@ -9,7 +9,7 @@
 //! GL when no Vulkan driver is present.
 //!
 //! Fast paths can be switched off with `CLA_GPU_DISABLE=f16,subgroup,coopmat,timestamp,unchecked` (or
-//! [`DeviceSelector::disable`]) so that the portable fallbacks can be tested on any adapter.
+//! [`DeviceSelector::fast_paths`]) so that the portable fallbacks can be tested on any adapter.
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
