@@ -341,6 +341,16 @@ impl GpuContext {
             layout: &kernel.layout,
             entries: &entries,
         });
+        // Inside a `batch_passes` scope on this encoder: the scope's pass.
+        if let Ok(mut slot) = self.open_pass.lock()
+            && let Some(open) = slot.as_mut()
+            && open.encoder == encoder_key(encoder)
+        {
+            open.pass.set_pipeline(&kernel.pipeline);
+            open.pass.set_bind_group(0, &bg, &[]);
+            open.pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+            return;
+        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: None,
             timestamp_writes: None,
@@ -348,6 +358,47 @@ impl GpuContext {
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    /// Records every later dispatch on `encoder` into one compute pass until the returned
+    /// guard is dropped (wgpu orders the dispatches of a pass and inserts the barriers
+    /// between them), instead of one pass per dispatch: a decode step records hundreds of
+    /// dispatches, and each pass costs host time. Until the guard is dropped `encoder` must
+    /// not be used for anything but dispatches of this crate (no copies, no `finish`). A
+    /// later `batch_passes` call, on any encoder, ends this one's pass early; dispatches
+    /// after that get a pass each again.
+    pub fn batch_passes(&self, encoder: &mut wgpu::CommandEncoder) -> PassBatch<'_> {
+        let pass = encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("cla batched dispatches"),
+                timestamp_writes: None,
+            })
+            .forget_lifetime();
+        static NEXT_SCOPE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let scope = NEXT_SCOPE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let open = OpenPass {
+            encoder: encoder_key(encoder),
+            scope,
+            pass,
+        };
+        match self.open_pass.lock() {
+            Ok(mut slot) => *slot = Some(open),
+            // A poisoned slot: end the pass now; dispatches fall back to a pass each.
+            Err(_) => drop(open),
+        }
+        PassBatch { ctx: self, scope }
+    }
+
+    /// Ends the [`GpuContext::batch_passes`] pass open on `encoder`, if any, so that the
+    /// encoder can record copies or be finished; the scope's guard then has nothing to end.
+    pub fn end_batch(&self, encoder: &wgpu::CommandEncoder) {
+        if let Ok(mut slot) = self.open_pass.lock()
+            && slot
+                .as_ref()
+                .is_some_and(|open| open.encoder == encoder_key(encoder))
+        {
+            *slot = None;
+        }
     }
 
     /// Splits `n` workgroups into an `(x, y)` grid within the per-dimension limit; shaders
@@ -415,4 +466,93 @@ impl GpuContext {
 /// Whole-buffer binding of a tensor.
 pub(crate) fn whole(t: &crate::tensor::GpuTensor) -> wgpu::BindingResource<'_> {
     t.buffer.as_entire_binding()
+}
+
+/// The open pass of a [`GpuContext::batch_passes`] scope and the encoder it belongs to.
+pub(crate) struct OpenPass {
+    /// Identity of the encoder ([`encoder_key`]).
+    encoder: u64,
+    /// Which `batch_passes` call opened it (a guard ends only its own pass).
+    scope: u64,
+    pass: wgpu::ComputePass<'static>,
+}
+
+/// Identity of an encoder that survives moves: wgpu compares and hashes encoders by their
+/// shared inner object.
+fn encoder_key(encoder: &wgpu::CommandEncoder) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    encoder.hash(&mut h);
+    h.finish()
+}
+
+/// Ends the shared compute pass of [`GpuContext::batch_passes`] when dropped.
+#[must_use = "the pass is ended when the guard is dropped"]
+pub struct PassBatch<'a> {
+    ctx: &'a GpuContext,
+    scope: u64,
+}
+
+impl Drop for PassBatch<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.ctx.open_pass.lock()
+            && slot.as_ref().is_some_and(|open| open.scope == self.scope)
+        {
+            *slot = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{both_ctx, values};
+
+    /// Dependent dispatches in one batched pass see each other's writes (x += y five times),
+    /// a second scope on another encoder can start while the first is open, the first
+    /// guard's drop leaves the second scope's pass alone, and a moved encoder stays in its
+    /// scope.
+    #[test]
+    fn batched_passes_keep_dispatch_order_and_scopes_apart() {
+        for c in both_ctx() {
+            let n = 1000;
+            let (xv, yv) = (values(1, n), values(2, n));
+            let x = c.upload_f32(&xv, &[n]).unwrap();
+            let y = c.upload_f32(&yv, &[n]).unwrap();
+            let x2 = c.upload_f32(&xv, &[n]).unwrap();
+
+            let mut enc = c.encoder();
+            let first = c.batch_passes(&mut enc);
+            for _ in 0..3 {
+                c.add_assign(&mut enc, &x, &y).unwrap();
+            }
+            let mut enc2 = c.encoder();
+            let second = c.batch_passes(&mut enc2);
+            // The first scope's pass is closed now: these get a pass each.
+            for _ in 0..2 {
+                c.add_assign(&mut enc, &x, &y).unwrap();
+            }
+            drop(first);
+            // Moving the encoder keeps it in its scope (a dispatch outside the scope's pass
+            // while the pass is open would fail validation).
+            let mut enc2 = std::hint::black_box(enc2);
+            for _ in 0..4 {
+                c.add_assign(&mut enc2, &x2, &y).unwrap();
+            }
+            drop(second);
+            c.submit_and_wait(enc).unwrap();
+            c.submit_and_wait(enc2).unwrap();
+
+            let got = c.read_f32(&x).unwrap();
+            let got2 = c.read_f32(&x2).unwrap();
+            for i in 0..n {
+                let want = xv[i] + 5.0 * yv[i];
+                assert!((got[i] - want).abs() <= 1e-5 * want.abs().max(1.0), "{i}");
+                let want2 = xv[i] + 4.0 * yv[i];
+                assert!(
+                    (got2[i] - want2).abs() <= 1e-5 * want2.abs().max(1.0),
+                    "{i}"
+                );
+            }
+        }
+    }
 }

@@ -397,6 +397,8 @@ impl GpuDecoder {
             num_layers
         };
         let mut enc = ctx.encoder();
+        // All of the step's dispatches in one compute pass (ended by `read_back`).
+        let _passes = ctx.batch_passes(&mut enc);
         let x = view(&ws.x, &[rows, c.hidden_size]);
         ctx.embedding(&mut enc, &self.weights.embed_tokens, &ids_t, &x)
             .map_err(g)?;
@@ -559,6 +561,7 @@ fn read_back(
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
+    ctx.end_batch(&enc);
     enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
     let index = ctx.queue().submit([enc.finish()]);
     let (tx, rx) = std::sync::mpsc::channel();
