@@ -290,8 +290,8 @@ pub struct GpuContext {
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
     /// f16 copy of the activations for the cooperative-matrix matmul (grown on demand).
     pub(crate) coop_staging: Mutex<Option<wgpu::Buffer>>,
-    /// The compute pass shared by the dispatches of a [`GpuContext::batch_passes`] scope.
-    pub(crate) open_pass: Mutex<Option<crate::pipeline::OpenPass>>,
+    /// The compute passes of the open [`GpuContext::batch_passes`] scopes, by encoder.
+    pub(crate) open_pass: Mutex<std::collections::HashMap<u64, crate::pipeline::OpenPass>>,
 }
 
 impl fmt::Debug for GpuContext {
@@ -494,7 +494,7 @@ impl GpuContext {
             errors,
             scratch: Mutex::new(None),
             coop_staging: Mutex::new(None),
-            open_pass: Mutex::new(None),
+            open_pass: Mutex::default(),
         })
     }
 

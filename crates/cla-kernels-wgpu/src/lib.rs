@@ -50,5 +50,5 @@ pub use context::{
 };
 pub use error::{GpuError, Result};
 pub use paged::{KvPool, PagedKvLayout, SeqBatch, SeqDesc};
-pub use pipeline::{ElemStorage, PassBatch, PipelineKey};
+pub use pipeline::{BindGroupCache, ElemStorage, PassBatch, PipelineKey};
 pub use tensor::{DType, GpuTensor};

@@ -186,6 +186,53 @@ pub(crate) struct PipelineCache {
 
 /// Distinct parameter blocks kept alive by the uniform cache.
 const UNIFORM_CACHE_MAX: usize = 4096;
+/// Bind groups kept by a [`BindGroupCache`] (each keeps its buffers alive).
+const BIND_GROUP_CACHE_MAX: usize = 4096;
+
+/// Bind groups by kernel and bound buffer ranges, for [`GpuContext::batch_passes_cached`]: a
+/// decode step binds mostly the same weights, activations, pools and parameter blocks every
+/// time, and creating a bind group costs host time. Every cached bind group keeps its
+/// buffers alive, so the cache belongs to whoever knows when those buffers go away (a
+/// decoder: it clears the cache before it replaces its work buffers, and drops it with
+/// itself). Holds at most a few thousand entries: buffers made for one step only are let go
+/// a few dozen steps later.
+#[derive(Default)]
+pub struct BindGroupCache {
+    map: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+}
+
+impl BindGroupCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops every cached bind group (and with them the cache's hold on their buffers).
+    pub fn clear(&self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.clear();
+        }
+    }
+
+    /// Cached bind groups.
+    pub fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A kernel (its address in the never-emptied pipeline cache) and the buffer ranges bound to
+/// it, in binding order. The key holds clones of the buffer handles, so a buffer in the
+/// cache is never freed and its identity never reused by another buffer.
+#[derive(PartialEq, Eq, Hash)]
+struct BindKey {
+    kernel: usize,
+    buffers: Vec<(wgpu::Buffer, u64, Option<wgpu::BufferSize>)>,
+}
 
 impl PipelineCache {
     pub(crate) fn names(&self) -> Vec<String> {
@@ -328,29 +375,17 @@ impl GpuContext {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
         }
-        let entries: Vec<wgpu::BindGroupEntry> = resources
-            .iter()
-            .enumerate()
-            .map(|(i, r)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: r.clone(),
-            })
-            .collect();
-        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &kernel.layout,
-            entries: &entries,
-        });
-        // Inside a `batch_passes` scope on this encoder: the scope's pass.
-        if let Ok(mut slot) = self.open_pass.lock()
-            && let Some(open) = slot.as_mut()
-            && open.encoder == encoder_key(encoder)
+        // Inside a `batch_passes` scope on this encoder: the scope's pass (and bind groups).
+        if let Ok(mut open_passes) = self.open_pass.lock()
+            && let Some(open) = open_passes.get_mut(&encoder_key(encoder))
         {
+            let bg = self.bind_group(kernel, resources, open.bind_groups.as_deref());
             open.pass.set_pipeline(&kernel.pipeline);
             open.pass.set_bind_group(0, &bg, &[]);
             open.pass.dispatch_workgroups(groups.0, groups.1, groups.2);
             return;
         }
+        let bg = self.bind_group(kernel, resources, None);
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: None,
             timestamp_writes: None,
@@ -360,14 +395,83 @@ impl GpuContext {
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
     }
 
+    /// The bind group of `kernel` with `resources`, from `cache` when the same buffer ranges
+    /// were bound to it before.
+    fn bind_group(
+        &self,
+        kernel: &Kernel,
+        resources: &[wgpu::BindingResource<'_>],
+        cache: Option<&BindGroupCache>,
+    ) -> wgpu::BindGroup {
+        let create = || {
+            let entries: Vec<wgpu::BindGroupEntry> = resources
+                .iter()
+                .enumerate()
+                .map(|(i, r)| wgpu::BindGroupEntry {
+                    binding: i as u32,
+                    resource: r.clone(),
+                })
+                .collect();
+            self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &kernel.layout,
+                entries: &entries,
+            })
+        };
+        let Some(cache) = cache else {
+            return create();
+        };
+        let buffers: Option<Vec<_>> = resources
+            .iter()
+            .map(|r| match r {
+                wgpu::BindingResource::Buffer(b) => Some((b.buffer.clone(), b.offset, b.size)),
+                _ => None,
+            })
+            .collect();
+        let (Some(buffers), Ok(mut map)) = (buffers, cache.map.lock()) else {
+            return create();
+        };
+        let key = BindKey {
+            kernel: std::ptr::from_ref(kernel) as usize,
+            buffers,
+        };
+        if let Some(bg) = map.get(&key) {
+            return bg.clone();
+        }
+        if map.len() >= BIND_GROUP_CACHE_MAX {
+            map.clear();
+        }
+        let bg = create();
+        map.insert(key, bg.clone());
+        bg
+    }
+
     /// Records every later dispatch on `encoder` into one compute pass until the returned
     /// guard is dropped (wgpu orders the dispatches of a pass and inserts the barriers
     /// between them), instead of one pass per dispatch: a decode step records hundreds of
     /// dispatches, and each pass costs host time. Until the guard is dropped `encoder` must
-    /// not be used for anything but dispatches of this crate (no copies, no `finish`). A
-    /// later `batch_passes` call, on any encoder, ends this one's pass early; dispatches
-    /// after that get a pass each again.
+    /// not be used for anything but dispatches of this crate (no copies, no `finish`; or call
+    /// [`GpuContext::end_batch`] first). Scopes on different encoders (threads) are
+    /// independent; a new scope on the same encoder ends the old one's pass.
     pub fn batch_passes(&self, encoder: &mut wgpu::CommandEncoder) -> PassBatch<'_> {
+        self.open_batch(encoder, None)
+    }
+
+    /// [`GpuContext::batch_passes`] that also takes the scope's bind groups from `cache` (and
+    /// adds the ones it creates), see [`BindGroupCache`].
+    pub fn batch_passes_cached(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        cache: Arc<BindGroupCache>,
+    ) -> PassBatch<'_> {
+        self.open_batch(encoder, Some(cache))
+    }
+
+    fn open_batch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        bind_groups: Option<Arc<BindGroupCache>>,
+    ) -> PassBatch<'_> {
         let pass = encoder
             .begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("cla batched dispatches"),
@@ -380,10 +484,14 @@ impl GpuContext {
             encoder: encoder_key(encoder),
             scope,
             pass,
+            bind_groups,
         };
         match self.open_pass.lock() {
-            Ok(mut slot) => *slot = Some(open),
-            // A poisoned slot: end the pass now; dispatches fall back to a pass each.
+            Ok(mut open_passes) => {
+                // A scope still open on this encoder ends here.
+                open_passes.insert(open.encoder, open);
+            }
+            // A poisoned lock: end the pass now; dispatches fall back to a pass each.
             Err(_) => drop(open),
         }
         PassBatch { ctx: self, scope }
@@ -392,12 +500,8 @@ impl GpuContext {
     /// Ends the [`GpuContext::batch_passes`] pass open on `encoder`, if any, so that the
     /// encoder can record copies or be finished; the scope's guard then has nothing to end.
     pub fn end_batch(&self, encoder: &wgpu::CommandEncoder) {
-        if let Ok(mut slot) = self.open_pass.lock()
-            && slot
-                .as_ref()
-                .is_some_and(|open| open.encoder == encoder_key(encoder))
-        {
-            *slot = None;
+        if let Ok(mut open_passes) = self.open_pass.lock() {
+            open_passes.remove(&encoder_key(encoder));
         }
     }
 
@@ -475,6 +579,8 @@ pub(crate) struct OpenPass {
     /// Which `batch_passes` call opened it (a guard ends only its own pass).
     scope: u64,
     pass: wgpu::ComputePass<'static>,
+    /// Where the scope's bind groups come from, if anywhere.
+    bind_groups: Option<Arc<BindGroupCache>>,
 }
 
 /// Identity of an encoder that survives moves: wgpu compares and hashes encoders by their
@@ -495,10 +601,8 @@ pub struct PassBatch<'a> {
 
 impl Drop for PassBatch<'_> {
     fn drop(&mut self) {
-        if let Ok(mut slot) = self.ctx.open_pass.lock()
-            && slot.as_ref().is_some_and(|open| open.scope == self.scope)
-        {
-            *slot = None;
+        if let Ok(mut open_passes) = self.ctx.open_pass.lock() {
+            open_passes.retain(|_, open| open.scope != self.scope);
         }
     }
 }
@@ -508,9 +612,8 @@ mod tests {
     use crate::testing::{both_ctx, values};
 
     /// Dependent dispatches in one batched pass see each other's writes (x += y five times),
-    /// a second scope on another encoder can start while the first is open, the first
-    /// guard's drop leaves the second scope's pass alone, and a moved encoder stays in its
-    /// scope.
+    /// scopes on two encoders are open at once, the first guard's drop leaves the second
+    /// scope's pass alone, and a moved encoder stays in its scope.
     #[test]
     fn batched_passes_keep_dispatch_order_and_scopes_apart() {
         for c in both_ctx() {
@@ -527,7 +630,7 @@ mod tests {
             }
             let mut enc2 = c.encoder();
             let second = c.batch_passes(&mut enc2);
-            // The first scope's pass is closed now: these get a pass each.
+            // Scopes on two encoders at once.
             for _ in 0..2 {
                 c.add_assign(&mut enc, &x, &y).unwrap();
             }
@@ -553,6 +656,42 @@ mod tests {
                     "{i}"
                 );
             }
+        }
+    }
+
+    /// A cached scope reuses the bind groups of an identical earlier one (the cache does not
+    /// grow) and computes the same; new buffers get new entries; `clear` empties it.
+    #[test]
+    fn cached_bind_groups_are_reused_for_the_same_buffers() {
+        for c in both_ctx() {
+            let n = 300;
+            let (xv, yv) = (values(3, n), values(4, n));
+            let x = c.upload_f32(&xv, &[n]).unwrap();
+            let y = c.upload_f32(&yv, &[n]).unwrap();
+            let cache = std::sync::Arc::new(super::BindGroupCache::new());
+            let step = |x: &crate::GpuTensor| {
+                let mut enc = c.encoder();
+                let passes = c.batch_passes_cached(&mut enc, std::sync::Arc::clone(&cache));
+                c.add_assign(&mut enc, x, &y).unwrap();
+                c.add_assign(&mut enc, x, &y).unwrap();
+                drop(passes);
+                c.submit_and_wait(enc).unwrap();
+            };
+            step(&x);
+            let after_one = cache.len();
+            assert!(after_one >= 1);
+            step(&x);
+            assert_eq!(cache.len(), after_one, "same buffers, same bind groups");
+            let got = c.read_f32(&x).unwrap();
+            for i in 0..n {
+                let want = xv[i] + 4.0 * yv[i];
+                assert!((got[i] - want).abs() <= 1e-5 * want.abs().max(1.0), "{i}");
+            }
+            let other = c.upload_f32(&xv, &[n]).unwrap();
+            step(&other);
+            assert!(cache.len() > after_one, "a new buffer is a new entry");
+            cache.clear();
+            assert!(cache.is_empty());
         }
     }
 }

@@ -143,6 +143,9 @@ pub struct GpuDecoder {
     work: Option<Workspace>,
     /// Logits buffer of the last step, reused while the row count stays the same.
     logits: Option<GpuTensor>,
+    /// Bind groups of the steps' dispatches. They keep their buffers alive, so the cache is
+    /// cleared before `work` or `logits` is replaced.
+    bind_groups: Arc<cla_kernels_wgpu::BindGroupCache>,
 }
 
 impl fmt::Debug for GpuDecoder {
@@ -218,6 +221,7 @@ impl GpuDecoder {
             options,
             work: None,
             logits: None,
+            bind_groups: Arc::default(),
         })
     }
 
@@ -300,6 +304,7 @@ impl GpuDecoder {
     fn workspace(&mut self, rows: usize) -> Result<()> {
         if self.work.as_ref().is_none_or(|w| w.rows < rows) {
             // Drop the old buffers first: at large batch sizes both would not fit.
+            self.bind_groups.clear();
             self.work = None;
             self.work = Some(Workspace::new(&self.ctx, &self.config, rows).map_err(gpu_error)?);
         }
@@ -313,6 +318,7 @@ impl GpuDecoder {
         {
             return Ok(t.clone());
         }
+        self.bind_groups.clear();
         self.logits = None;
         let t = self
             .ctx
@@ -397,8 +403,9 @@ impl GpuDecoder {
             num_layers
         };
         let mut enc = ctx.encoder();
-        // All of the step's dispatches in one compute pass (ended by `read_back`).
-        let _passes = ctx.batch_passes(&mut enc);
+        // All of the step's dispatches in one compute pass (ended by `read_back`), with the
+        // bind groups of earlier steps.
+        let _passes = ctx.batch_passes_cached(&mut enc, Arc::clone(&self.bind_groups));
         let x = view(&ws.x, &[rows, c.hidden_size]);
         ctx.embedding(&mut enc, &self.weights.embed_tokens, &ids_t, &x)
             .map_err(g)?;
