@@ -11,7 +11,8 @@
 //!   printed as a percentage of it (and of the compute copy).
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
 //!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second,
-//!   for each decode kernel the device runs (tiled, lanes; see `DecodeKernel`).
+//!   for each decode kernel the device runs (tiled, lanes; see `DecodeKernel`); the
+//!   repetitions are recorded into one compute pass, as the decoder records a step.
 //!   Configurations whose K/V region exceeds the adapter's storage-binding limit are skipped.
 //! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
@@ -132,7 +133,36 @@ impl<'a> Timer<'a> {
         iters: usize,
         record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), GpuError>,
     ) -> BenchResult<f64> {
+        self.time_with(iters, false, record)
+    }
+
+    /// [`Timer::time`] with the repetitions' dispatches recorded into one compute pass
+    /// (`batch_passes`), as the decoder records a step; `record` may only dispatch.
+    fn time_in_pass(
+        &self,
+        iters: usize,
+        record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), GpuError>,
+    ) -> BenchResult<f64> {
+        self.time_with(iters, true, record)
+    }
+
+    fn time_with(
+        &self,
+        iters: usize,
+        in_pass: bool,
+        record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), GpuError>,
+    ) -> BenchResult<f64> {
         let ctx = self.ctx;
+        // All of an encoder's repetitions in one pass when asked (ended before the encoder
+        // is used for anything else).
+        let mut repeat = |enc: &mut wgpu::CommandEncoder, n: usize| -> Result<(), GpuError> {
+            let pass = in_pass.then(|| ctx.batch_passes(enc));
+            for _ in 0..n {
+                record(enc)?;
+            }
+            drop(pass);
+            Ok(())
+        };
         // Warm-up: builds pipelines, touches memory, and keeps the GPU busy for WARM_UP so
         // that its clocks are back up after the idle gap of the setup (timing a short window
         // right after an idle host-side gap measured a 4096^3 matmul at a fifth of its speed).
@@ -141,9 +171,7 @@ impl<'a> Timer<'a> {
         let mut batch = 1usize;
         while calls == 0 || start.elapsed() < WARM_UP {
             let mut enc = ctx.encoder();
-            for _ in 0..batch {
-                record(&mut enc)?;
-            }
+            repeat(&mut enc, batch)?;
             ctx.submit_and_wait(enc)?;
             calls += batch;
             batch = (batch * 2).min(64);
@@ -167,9 +195,7 @@ impl<'a> Timer<'a> {
             });
             let mut enc = ctx.encoder();
             enc.write_timestamp(&qs, 0);
-            for _ in 0..iters {
-                record(&mut enc)?;
-            }
+            repeat(&mut enc, iters)?;
             enc.write_timestamp(&qs, 1);
             enc.resolve_query_set(&qs, 0..2, &resolve, 0);
             ctx.submit_and_wait(enc)?;
@@ -180,9 +206,7 @@ impl<'a> Timer<'a> {
             Ok(ns * 1e-9 / iters as f64)
         } else {
             let mut enc = ctx.encoder();
-            for _ in 0..iters {
-                record(&mut enc)?;
-            }
+            repeat(&mut enc, iters)?;
             let start = Instant::now();
             ctx.submit_and_wait(enc)?;
             Ok(start.elapsed().as_secs_f64() / iters as f64)
@@ -372,7 +396,7 @@ fn main() -> BenchResult<()> {
                         });
                         continue;
                     }
-                    let secs = timer.time(if q { 2 } else { 20 }, &mut |enc| {
+                    let secs = timer.time_in_pass(if q { 2 } else { 20 }, &mut |enc| {
                         ctx.attention_decode_with(enc, &qt, &sb, &pool, &out, opts)
                     })?;
                     eprintln!("  {:.1} GB/s, {}", bytes / secs / 1e9, pct(bytes / secs));
