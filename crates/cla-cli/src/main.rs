@@ -12,6 +12,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    headless_runtime_dir();
     failure::install_panic_hook();
     let cli = match commands::parse_args() {
         Ok(cli) => cli,
@@ -19,6 +20,19 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     failure::exit_code(std::panic::catch_unwind(|| commands::run(cli)))
+}
+
+/// Mesa's Vulkan and GL drivers look for the per-user runtime directory (display-server
+/// sockets) when wgpu enumerates adapters, and print an error line for every adapter when
+/// `XDG_RUNTIME_DIR` is unset or invalid, as on headless servers and in containers. Compute
+/// needs no display: point them at the temporary directory instead of printing noise.
+fn headless_runtime_dir() {
+    let valid =
+        std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| std::path::Path::new(&d).is_dir());
+    if !valid {
+        // SAFETY: first thing in `main`, before any other thread exists.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", std::env::temp_dir()) };
+    }
 }
 
 /// `-v`: cla's own messages (info); `-vv`: debug, and other crates' info; `-vvv`: trace

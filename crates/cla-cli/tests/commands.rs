@@ -577,6 +577,24 @@ fn devices_json_parses() {
     assert!(!stdout(&text).is_empty());
 }
 
+/// On a headless machine (no runtime directory) the drivers' complaints about it stay out of
+/// the output.
+#[test]
+fn devices_without_a_runtime_dir_print_no_driver_noise() {
+    for dir in [None, Some("/nonexistent-runtime-dir")] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cla"));
+        cmd.args(["devices"]).env_remove("RUST_LOG");
+        match dir {
+            Some(d) => cmd.env("XDG_RUNTIME_DIR", d),
+            None => cmd.env_remove("XDG_RUNTIME_DIR"),
+        };
+        let out = cmd.output().expect("the cla binary runs");
+        assert_eq!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("XDG_RUNTIME_DIR"), "{dir:?}: {err}");
+    }
+}
+
 #[test]
 fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
     let text = "It is a truth universally acknowledged, that a single man in possession of a \
