@@ -284,6 +284,7 @@ fn kv_chunk_decl(
 
 /// Which decode-attention kernel runs (see [`GpuContext::attention_decode_with`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum DecodeKernel {
     /// The fastest kernel that the device, the pool and the group size allow: the
     /// lane-group kernel where it applies, else the tiled kernel.
