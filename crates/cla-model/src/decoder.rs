@@ -11,6 +11,7 @@
 //! reserves the new positions, and commits them all or drops them all with the same helpers.
 
 use crate::error::{ModelError, Result};
+use crate::sampling::Sampler;
 use cla_core::ModelConfig;
 use cla_kv::{KvStorage, PagedKvCache};
 use ndarray::Array2;
@@ -60,6 +61,17 @@ impl<'a> SequenceStep<'a> {
             logits: LogitsWanted::All,
         }
     }
+}
+
+/// How [`Decoder::forward_sample`] picks one step's token: the sequence's sampler (its
+/// settings and its random stream) and the tokens so far, prompt and generated (for the
+/// repetition penalty).
+#[derive(Debug)]
+pub struct TokenChoice<'a> {
+    /// The sampler; its stream advances by the number the token was drawn with.
+    pub sampler: &'a mut Sampler,
+    /// Prompt and generated tokens of the sequence.
+    pub history: &'a [u32],
 }
 
 /// Where a decoder's sequences live: adding, forking, truncating and freeing them, and what
@@ -213,6 +225,52 @@ pub trait Decoder {
             .map(|l| argmax_lowest(l.row(l.nrows() - 1).iter().copied()))
             .collect())
     }
+
+    /// Runs the batch and returns, per step, the token `choices[i]` picks from the logits of
+    /// step `i`'s last new position: exactly [`Sampler::sample`] on those logits, its stream
+    /// advanced the same way. This default reads the logits back and samples on the host;
+    /// the GPU backend overrides it to pick the tokens where the logits are. `step.logits`
+    /// is ignored. On error no sequence has changed.
+    fn forward_sample(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<Vec<u32>> {
+        check_choices(batch, choices)?;
+        let logits = self.forward(batch)?;
+        Ok(sample_on_host(&logits, choices))
+    }
+}
+
+/// Checks that a batch and its token choices pair up.
+pub(crate) fn check_choices(batch: &[SequenceStep<'_>], choices: &[TokenChoice<'_>]) -> Result<()> {
+    if batch.len() == choices.len() {
+        Ok(())
+    } else {
+        Err(ModelError::invalid(
+            "choices",
+            format!(
+                "{} token choices for a batch of {} steps",
+                choices.len(),
+                batch.len()
+            ),
+        ))
+    }
+}
+
+/// [`Sampler::sample`] on the last row of each step's logits.
+pub(crate) fn sample_on_host(logits: &[Array2<f32>], choices: &mut [TokenChoice<'_>]) -> Vec<u32> {
+    logits
+        .iter()
+        .zip(choices)
+        .map(|(l, c)| {
+            let row = l.row(l.nrows() - 1);
+            match row.as_slice() {
+                Some(values) => c.sampler.sample(values, c.history),
+                None => c.sampler.sample(&row.to_vec(), c.history),
+            }
+        })
+        .collect()
 }
 
 // ----- the forward protocol every backend over a PagedKvCache follows -----------------------

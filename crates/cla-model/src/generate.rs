@@ -8,7 +8,7 @@
 //! generation cleanly (e.g. on Ctrl-C, or when the reader of the output went away), with
 //! every token the callback was shown and no other.
 
-use crate::decoder::{Decoder, SequenceId, SequenceStep};
+use crate::decoder::{Decoder, SequenceId, SequenceStep, TokenChoice};
 use crate::error::{ModelError, Result};
 use crate::sampling::{Sampler, SamplingConfig};
 use crate::tokenizer::{TextStream, Tokenizer};
@@ -324,24 +324,12 @@ fn run(
         states[i].seq = Some(decoder.add_sequence());
     }
     let started = Instant::now();
-    let logits = {
-        let steps: Vec<SequenceStep<'_>> = active
-            .iter()
-            .map(|&i| {
-                let s = &states[i];
-                SequenceStep::last(s.seq.expect("added"), &s.generation.prompt_ids)
-            })
-            .collect();
-        decoder.forward(&steps)?
-    };
+    let sampled = sample_step(decoder, states, false)?;
     let prefill_seconds = started.elapsed().as_secs_f64();
-    for (&i, l) in active.iter().zip(&logits) {
+    for (&i, token) in active.iter().zip(sampled) {
         let s = &mut states[i];
         s.generation.timings.prefill_seconds = prefill_seconds;
         s.generation.timings.prefill_tokens = s.generation.prompt_ids.len();
-        let token = s
-            .sampler
-            .sample(l.row(0).as_slice().expect("contiguous"), &s.history);
         accept(i, s, token, tokenizer, rules, stream)?;
         if stream.stop {
             return stop_all(states, tokenizer, stream);
@@ -355,30 +343,7 @@ fn run(
             return Ok(());
         }
         let started = Instant::now();
-        let steps: Vec<SequenceStep<'_>> = active
-            .iter()
-            .map(|&i| {
-                let s = &states[i];
-                let last = s.generation.ids.len() - 1;
-                SequenceStep::last(s.seq.expect("added"), &s.generation.ids[last..])
-            })
-            .collect();
-        // Plain argmax needs no logits here: let the backend choose the token where the
-        // logits are, so a GPU step reads back only token ids.
-        let sampled: Vec<u32> = if states[active[0]].sampler.config().is_plain_argmax() {
-            decoder.forward_greedy(&steps)?
-        } else {
-            let logits = decoder.forward(&steps)?;
-            active
-                .iter()
-                .zip(&logits)
-                .map(|(&i, l)| {
-                    let s = &mut states[i];
-                    s.sampler
-                        .sample(l.row(0).as_slice().expect("contiguous"), &s.history)
-                })
-                .collect()
-        };
+        let sampled = sample_step(decoder, states, true)?;
         let seconds = started.elapsed().as_secs_f64();
         for (&i, token) in active.iter().zip(sampled) {
             let s = &mut states[i];
@@ -389,6 +354,43 @@ fn run(
                 return stop_all(states, tokenizer, stream);
             }
         }
+    }
+}
+
+/// Runs one batched step over the prompts still running (their whole prompts for the
+/// prefill, their last token when `decode`) and returns each one's next token. The backend
+/// picks the tokens where the logits are ([`Decoder::forward_sample`], and for plain argmax
+/// decoding [`Decoder::forward_greedy`]), so a GPU step reads back token ids, not logits.
+fn sample_step(
+    decoder: &mut dyn Decoder,
+    states: &mut [PromptState],
+    decode: bool,
+) -> Result<Vec<u32>> {
+    let mut steps = Vec::new();
+    let mut choices = Vec::new();
+    for s in states.iter_mut().filter(|s| !s.done) {
+        let PromptState {
+            sampler,
+            history,
+            generation,
+            seq,
+            ..
+        } = s;
+        let seq = seq.expect("added");
+        steps.push(if decode {
+            SequenceStep::last(seq, &generation.ids[generation.ids.len() - 1..])
+        } else {
+            SequenceStep::last(seq, &generation.prompt_ids)
+        });
+        choices.push(TokenChoice {
+            sampler,
+            history: history.as_slice(),
+        });
+    }
+    if decode && choices[0].sampler.config().is_plain_argmax() {
+        decoder.forward_greedy(&steps)
+    } else {
+        decoder.forward_sample(&steps, &mut choices)
     }
 }
 

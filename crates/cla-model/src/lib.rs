@@ -46,7 +46,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use cpu::{CpuDecoder, CpuDecoderOptions, cache_config_for};
-pub use decoder::{Decoder, LogitsWanted, SequenceCache, SequenceId, SequenceStep};
+pub use decoder::{Decoder, LogitsWanted, SequenceCache, SequenceId, SequenceStep, TokenChoice};
 pub use error::{ModelError, Result};
 pub use generate::{
     Generation, GenerationConfig, GenerationTimings, OnToken, StopReason, TokenEvent, generate,

@@ -5,6 +5,13 @@
 //! The order of the transformations is Hugging Face `generate`'s: repetition penalty,
 //! then temperature, then top-k, then top-p, then a draw. A temperature of 0 means greedy
 //! (argmax after the repetition penalty; ties go to the lowest id).
+//!
+//! The draw walks the kept tokens from the most likely down (equal logits by lowest id
+//! first) and takes the first whose cumulative probability exceeds `u` times the kept total,
+//! `u` one uniform number of the stream per non-greedy token. A backend that picks tokens
+//! where the logits are (the GPU, see [`crate::Decoder::forward_sample`]) takes that number
+//! from the sampler ([`Sampler::upcoming_uniform`], then [`Sampler::skip_draw`]) and follows
+//! the same order, so that both pick the same token from the same logits.
 
 use crate::error::{ModelError, Result};
 use crate::rng::SplitMix64;
@@ -107,6 +114,20 @@ impl Sampler {
             config,
             rng: SplitMix64::new(seed),
             candidates: Vec::new(),
+        }
+    }
+
+    /// The uniform number in [0, 1) the next [`Sampler::sample`] will draw with, without
+    /// drawing it; `None` for a greedy config, which draws none.
+    pub fn upcoming_uniform(&self) -> Option<f64> {
+        (!self.config.is_greedy()).then(|| self.rng.clone().next_f64())
+    }
+
+    /// Moves the stream past the number [`Sampler::upcoming_uniform`] shows, as a
+    /// [`Sampler::sample`] call would: for a token picked elsewhere with that number.
+    pub fn skip_draw(&mut self) {
+        if !self.config.is_greedy() {
+            self.rng.next_f64();
         }
     }
 
@@ -249,6 +270,26 @@ mod tests {
         for (t, want) in [(0, 1.0 / 6.0), (1, 2.0 / 6.0), (2, 3.0 / 6.0)] {
             assert!((frac(t) - want).abs() < 0.03, "token {t}: {}", frac(t));
         }
+    }
+
+    #[test]
+    fn the_upcoming_uniform_is_the_one_sample_draws() {
+        let logits = [0.3, -1.0, 2.0, 0.5, 0.0];
+        let mut a = Sampler::new(cfg(0.8, 3, 0.9, 5), 2);
+        let mut b = a.clone();
+        for _ in 0..50 {
+            let u = a.upcoming_uniform().expect("not greedy");
+            assert_eq!(a.upcoming_uniform(), Some(u), "peeking draws nothing");
+            let direct = a.sample(&logits, &[]);
+            // The same number, taken through the peek and the skip.
+            b.skip_draw();
+            assert_eq!(b.upcoming_uniform(), a.upcoming_uniform());
+            assert!(u < 1.0 && direct < 5);
+        }
+        let mut g = Sampler::new(SamplingConfig::greedy(), 0);
+        assert_eq!(g.upcoming_uniform(), None);
+        g.skip_draw();
+        assert_eq!(g.sample(&logits, &[]), 2);
     }
 
     #[test]

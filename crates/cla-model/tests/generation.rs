@@ -80,6 +80,77 @@ fn same_seed_same_text_and_streaming_equals_the_result() {
 }
 
 #[test]
+fn sampled_tokens_stay_what_they_were_for_a_seed() {
+    // Recorded before `Decoder::forward_sample` existed: the CPU decoder samples exactly as
+    // before (same tokens for the same seed), whichever method picks them.
+    let config = small_config(vec![0, 0, 2, 2, 2], 24, 3, 1, 8, 40, true);
+    let w = Arc::new(ModelWeights::random(&config, 17));
+    let prompts = vec![vec![1, 5, 6, 7], vec![1, 3], vec![1, 20, 21]];
+    type Ids = [[u32; 16]; 3];
+    #[rustfmt::skip]
+    let golden: [((f32, usize, f32, f32), Ids); 5] = [
+        (
+            (0.9, 0, 1.0, 1.0),
+            [
+                [16, 16, 16, 16, 16, 14, 14, 14, 14, 35, 35, 35, 35, 35, 35, 35],
+                [30, 30, 37, 37, 37, 37, 37, 37, 37, 37, 37, 37, 20, 35, 33, 4],
+                [0, 13, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 12],
+            ],
+        ),
+        (
+            (0.8, 5, 1.0, 1.0),
+            [
+                [16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 35, 35],
+                [30, 30, 37, 37, 37, 37, 37, 37, 37, 37, 37, 37, 38, 4, 4, 4],
+                [9, 30, 30, 30, 30, 30, 30, 30, 30, 30, 12, 27, 27, 27, 12, 12],
+            ],
+        ),
+        (
+            (1.3, 0, 0.7, 1.0),
+            [
+                [16, 16, 16, 16, 16, 14, 14, 14, 14, 35, 35, 35, 35, 35, 35, 35],
+                [30, 30, 37, 37, 37, 37, 37, 37, 37, 37, 37, 37, 38, 37, 37, 37],
+                [9, 6, 6, 6, 8, 8, 8, 8, 8, 8, 6, 6, 6, 6, 6, 6],
+            ],
+        ),
+        (
+            (0.7, 12, 0.9, 1.3),
+            [
+                [16, 16, 16, 16, 16, 35, 14, 14, 14, 14, 14, 14, 14, 35, 35, 35],
+                [9, 9, 9, 2, 2, 2, 19, 17, 14, 37, 37, 37, 30, 7, 16, 16],
+                [30, 30, 30, 30, 30, 30, 30, 30, 30, 39, 3, 3, 0, 37, 37, 37],
+            ],
+        ),
+        (
+            (0.0, 0, 1.0, 1.2),
+            [
+                [16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16],
+                [9, 9, 9, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2],
+                [30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 30, 12, 12, 12],
+            ],
+        ),
+    ];
+    for ((temperature, top_k, top_p, repetition_penalty), want) in golden {
+        let cfg = GenerationConfig {
+            max_new_tokens: 16,
+            stop_at_eos: false,
+            sampling: SamplingConfig {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed: 42,
+            },
+            ..GenerationConfig::default()
+        };
+        let out = generate_ids(&mut decoder(&w, 3), None, &prompts, &cfg, &mut |_| GO_ON).unwrap();
+        for (o, w) in out.iter().zip(&want) {
+            assert_eq!(o.ids, w, "{:?}", cfg.sampling);
+        }
+    }
+}
+
+#[test]
 fn batched_greedy_equals_one_prompt_at_a_time() {
     let (w, _) = model();
     let prompts = vec![vec![1, 5, 6, 7, 8, 9, 10], vec![1, 3], vec![1, 20, 21, 22]];

@@ -8,8 +8,9 @@
 //!   GPU buffers, one per `(producer slot, K|V)` plane, laid out as [`cla_kv::KvLayout`]
 //!   says. A producer layer appends its keys and values to its slot with `kv_append`; a
 //!   consumer layer runs attention over its producer's slot (`KvSharing::slot_of`).
-//! - A forward pass of the whole batch (every sequence, every layer, the LM head, and for
-//!   greedy decoding the argmax) is recorded into one command encoder and submitted once,
+//! - A forward pass of the whole batch (every sequence, every layer, the LM head, and when
+//!   the tokens are chosen on the GPU the repetition penalty and the argmax or sampling
+//!   kernel, see `sampling.rs`) is recorded into one command encoder and submitted once,
 //!   with the read-back of the logits (or token ids) in the same submission.
 //! - Prompts go through `attention_prefill`; a step where every sequence brings one token
 //!   uses `attention_decode`. A batch mixes sequences of any lengths.
@@ -17,6 +18,7 @@
 //!   positions whose logits are wanted (as the CPU decoder does); before the final norm the
 //!   rows are reduced the same way in any case.
 
+mod sampling;
 mod storage;
 mod weights;
 
@@ -24,7 +26,8 @@ pub use storage::GpuKvStorage;
 pub use weights::GpuWeightDType;
 
 use crate::decoder::{
-    Decoder, LogitsWanted, SequenceCache, SequenceStep, end_batch, reserve_batch, validate_batch,
+    Decoder, LogitsWanted, SequenceCache, SequenceStep, TokenChoice, end_batch, reserve_batch,
+    validate_batch,
 };
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
@@ -110,12 +113,14 @@ fn view(t: &GpuTensor, shape: &[usize]) -> GpuTensor {
 }
 
 /// What a forward pass reads back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Readback {
+#[derive(Clone, Copy)]
+enum Readback<'a> {
     /// The logits of the wanted positions.
     Logits,
     /// The argmax of each step's last position only.
     Greedy,
+    /// The token each step's last position samples (see `sampling.rs`).
+    Sample(&'a sampling::GpuSampling),
 }
 
 enum Output {
@@ -270,11 +275,15 @@ impl GpuDecoder {
     }
 
     /// Validate, reserve, run, then commit (or abort on any error).
-    fn forward_with(&mut self, batch: &[SequenceStep<'_>], readback: Readback) -> Result<Output> {
+    fn forward_with(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        readback: Readback<'_>,
+    ) -> Result<Output> {
         if batch.is_empty() {
             return Ok(match readback {
                 Readback::Logits => Output::Logits(Vec::new()),
-                Readback::Greedy => Output::Ids(Vec::new()),
+                Readback::Greedy | Readback::Sample(_) => Output::Ids(Vec::new()),
             });
         }
         validate_batch(&self.config, &self.cache, batch)?;
@@ -329,7 +338,7 @@ impl GpuDecoder {
     }
 
     /// The forward pass proper; the caller has reserved the new positions in the cache.
-    fn run(&mut self, batch: &[SequenceStep<'_>], readback: Readback) -> Result<Output> {
+    fn run(&mut self, batch: &[SequenceStep<'_>], readback: Readback<'_>) -> Result<Output> {
         let ctx = Arc::clone(&self.ctx);
         let c = self.config.clone();
         let g = gpu_error;
@@ -471,12 +480,16 @@ impl GpuDecoder {
                 }
                 Ok(Output::Logits(out))
             }
-            Readback::Greedy => {
+            Readback::Greedy | Readback::Sample(_) => {
                 // One kept row per step here.
                 let ids_out = ctx
-                    .create_tensor(&[kept], DType::U32, "greedy ids")
+                    .create_tensor(&[kept], DType::U32, "next ids")
                     .map_err(g)?;
-                ctx.argmax(&mut enc, &logits, &ids_out).map_err(g)?;
+                match readback {
+                    Readback::Sample(s) => s.record(&ctx, &mut enc, &logits, &ids_out),
+                    _ => ctx.argmax(&mut enc, &logits, &ids_out),
+                }
+                .map_err(g)?;
                 let bytes = read_back(&ctx, enc, &ids_out.buffer, (kept * 4) as u64).map_err(g)?;
                 Ok(Output::Ids(bytemuck::pod_collect_to_vec(&bytes)))
             }
@@ -615,5 +628,13 @@ impl Decoder for GpuDecoder {
 
     fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
         GpuDecoder::forward_greedy(self, batch)
+    }
+
+    fn forward_sample(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<Vec<u32>> {
+        self.forward_sample_on_gpu(batch, choices)
     }
 }
