@@ -4,7 +4,7 @@
 on the current CUDA device: the device-to-device copy bandwidth (read + write bytes, the
 ceiling for memory-bound kernels such as decode attention) and the bf16 matmul rate (the
 ceiling the cooperative-matrix matmul is measured against; `gpu_bench --ref-tflops X`).
-Run it in the same session on the same card as `gpu_bench`, so both figures share a card.
+Run it right before `gpu_bench` on the same card, so that both figures share a card.
 """
 
 from __future__ import annotations
