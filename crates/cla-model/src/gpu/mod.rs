@@ -148,6 +148,8 @@ pub struct GpuDecoder {
     work: Option<Workspace>,
     /// Logits buffer of the last step, reused while the row count stays the same.
     logits: Option<GpuTensor>,
+    /// Token ids chosen on the GPU in the last step, reused like `logits`.
+    next_ids: Option<GpuTensor>,
     /// Bind groups of the steps' dispatches. They keep their buffers alive, so the cache is
     /// cleared before `work` or `logits` is replaced.
     bind_groups: Arc<cla_kernels_wgpu::BindGroupCache>,
@@ -226,6 +228,7 @@ impl GpuDecoder {
             options,
             work: None,
             logits: None,
+            next_ids: None,
             bind_groups: Arc::default(),
         })
     }
@@ -337,6 +340,22 @@ impl GpuDecoder {
         Ok(t)
     }
 
+    fn ids_buffer(&mut self, rows: usize) -> Result<GpuTensor> {
+        if let Some(t) = &self.next_ids
+            && t.shape == [rows]
+        {
+            return Ok(t.clone());
+        }
+        self.bind_groups.clear();
+        self.next_ids = None;
+        let t = self
+            .ctx
+            .create_tensor(&[rows], DType::U32, "next ids")
+            .map_err(gpu_error)?;
+        self.next_ids = Some(t.clone());
+        Ok(t)
+    }
+
     /// The forward pass proper; the caller has reserved the new positions in the cache.
     fn run(&mut self, batch: &[SequenceStep<'_>], readback: Readback<'_>) -> Result<Output> {
         let ctx = Arc::clone(&self.ctx);
@@ -403,6 +422,10 @@ impl GpuDecoder {
         };
         self.workspace(rows)?;
         let logits = self.logits_buffer(kept)?;
+        let ids_out = match readback {
+            Readback::Logits => None,
+            Readback::Greedy | Readback::Sample(_) => Some(self.ids_buffer(kept)?),
+        };
         let ws = self.work.as_ref().expect("made above");
 
         let num_layers = c.num_layers();
@@ -482,9 +505,7 @@ impl GpuDecoder {
             }
             Readback::Greedy | Readback::Sample(_) => {
                 // One kept row per step here.
-                let ids_out = ctx
-                    .create_tensor(&[kept], DType::U32, "next ids")
-                    .map_err(g)?;
+                let ids_out = ids_out.expect("made above for these read-backs");
                 match readback {
                     Readback::Sample(s) => s.record(&ctx, &mut enc, &logits, &ids_out),
                     _ => ctx.argmax(&mut enc, &logits, &ids_out),
