@@ -120,7 +120,12 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
         w.config.kv_sharing,
         rayon::current_num_threads()
     );
+    let max = w.config.max_position_embeddings;
     for &len in prefill_lens {
+        if len > max {
+            println!("  prefill {len:>4} tokens: skipped (the model's context is {max})");
+            continue;
+        }
         let s = prefill_seconds(w, len, CpuDecoderOptions::default());
         println!(
             "  prefill {len:>4} tokens: {:>9.0} tokens/s ({:.1} ms)",
@@ -128,6 +133,7 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
             s * 1e3
         );
     }
+    let decode_context = decode_context.min(max.saturating_sub(32));
     for batch in [1, 8] {
         let r = decode_rate(w, batch, decode_context, 32);
         println!("  decode batch {batch} (context {decode_context}): {r:>9.1} tokens/s");
@@ -137,7 +143,13 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(dir) = args.first() {
-        let w = Arc::new(ModelWeights::load(dir).expect("load the model directory"));
+        let w = match ModelWeights::load(dir) {
+            Ok(w) => Arc::new(w),
+            Err(e) => {
+                eprintln!("cpu_bench: cannot load {dir}: {e}");
+                std::process::exit(1);
+            }
+        };
         report(dir, &w, &[128, 512], 128);
         return;
     }
