@@ -11,17 +11,8 @@
 //! - `cla2-38M`: 8 layers, 512 wide, 8 query heads / 2 K/V heads of 64, CLA2, vocab 32000.
 //! - `yoco-38M`: the same, layers 0-3 produce and layers 4-7 all read layer 3's K/V.
 //!
-//! Measured with `RAYON_NUM_THREADS=2` on a 16-core Intel Xeon host (release build, f32 weights
-//! and cache, best of 3 for prefill):
-//!
-//! | model | prefill 128 | prefill 512 | decode batch 1 | decode batch 8 |
-//! |---|---|---|---|---|
-//! | stories260K-like | 18.3k tok/s | 9.6k tok/s | 3.3k tok/s | 8.6k tok/s |
-//! | cla2-38M | 1371 tok/s | 1204 tok/s | 57 tok/s | 239 tok/s |
-//!
-//! (decode after a 128- or 256-token prompt). The consumer-tail shortcut on `yoco-38M` cut prefill
-//! from 98 to 60 ms at 128 tokens (-39%) and from 466 to 249 ms at 512 tokens (-46%): the four
-//! tail layers run for one position instead of all of them, and the LM head is unchanged.
+//! Release build, f32 weights and cache, best of 3 for prefill, decode after a 128- or
+//! 256-token prompt. Figures, with the machine and date, are in `BENCHMARKS.md`.
 
 use cla_core::{KvSharing, ModelConfig, SharingPattern};
 use cla_kv::KvDType;
