@@ -1228,4 +1228,30 @@ mod tests {
             Err(crate::GpuError::InvalidArgument(_))
         ));
     }
+
+    /// `linear` takes the wide tiles only where there are enough of them and the device has
+    /// the workgroup memory and invocations for them.
+    #[test]
+    fn the_wide_variant_is_chosen_for_large_outputs_on_devices_it_fits() {
+        let mut f = crate::testing::ctx().features().clone();
+        f.max_workgroup_storage = 48 * 1024;
+        f.max_invocations = 1024;
+        assert!(CoopVariant::Wide.fits(&f));
+        assert_eq!(CoopVariant::for_shape(4096, 4096, &f), CoopVariant::Wide);
+        assert_eq!(CoopVariant::for_shape(4000, 3000, &f), CoopVariant::Wide);
+        // 4 x 8 = 32 wide tiles.
+        assert_eq!(CoopVariant::for_shape(1000, 1002, &f), CoopVariant::DEFAULT);
+        // Exactly the threshold, and one tile short of it.
+        assert_eq!(
+            CoopVariant::for_shape(256 * 16, 128 * 16, &f),
+            CoopVariant::Wide
+        );
+        assert_eq!(
+            CoopVariant::for_shape(256 * 15, 128 * 17, &f),
+            CoopVariant::DEFAULT
+        );
+        f.max_workgroup_storage = 16 * 1024;
+        assert!(!CoopVariant::Wide.fits(&f));
+        assert_eq!(CoopVariant::for_shape(4096, 4096, &f), CoopVariant::DEFAULT);
+    }
 }
