@@ -104,6 +104,7 @@ fn gpu_fix(e: &cla_kernels_wgpu::GpuError) -> Option<&'static str> {
         G::NotAvailable(_) => {
             Some("pick another adapter (`cla devices` lists them), or use --device cpu")
         }
+        G::InvalidFastPaths(_) => Some("fix or unset CLA_GPU_DISABLE"),
         _ => None,
     }
 }
@@ -230,6 +231,14 @@ mod tests {
             assert_eq!(e.code(), EXIT_USER, "{e}");
             assert!(e.to_string().contains("--device cpu"), "{e}");
         }
+        let bad_list = from_gpu(GpuError::InvalidFastPaths(
+            "CLA_GPU_DISABLE: unknown `warp`".into(),
+        ));
+        assert_eq!(bad_list.code(), EXIT_USER);
+        assert!(
+            bad_list.to_string().contains("unset CLA_GPU_DISABLE"),
+            "{bad_list}"
+        );
     }
 
     #[test]

@@ -76,7 +76,7 @@ impl FastPaths {
     };
 
     /// Parses a `CLA_GPU_DISABLE` list (`f16,subgroup,coopmat,timestamp,unchecked`, or `all`) and
-    /// returns the fast paths left on.
+    /// returns the fast paths left on; an unknown entry is [`GpuError::InvalidFastPaths`].
     pub fn parse_disable(list: &str) -> Result<Self> {
         let mut paths = Self::ALL;
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -96,7 +96,7 @@ impl FastPaths {
                     }
                 }
                 other => {
-                    return Err(GpuError::InvalidArgument(format!(
+                    return Err(GpuError::InvalidFastPaths(format!(
                         "{DISABLE_ENV}: unknown fast path `{other}` (known: f16, subgroup, coopmat, timestamp, unchecked, all)"
                     )));
                 }
@@ -639,7 +639,7 @@ mod tests {
         assert!(!FastPaths::parse_disable("unchecked").unwrap().unchecked);
         assert!(matches!(
             FastPaths::parse_disable("warp"),
-            Err(GpuError::InvalidArgument(_))
+            Err(GpuError::InvalidFastPaths(_))
         ));
     }
 

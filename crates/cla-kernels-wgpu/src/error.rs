@@ -32,6 +32,10 @@ pub enum GpuError {
     )]
     InvalidSelector(String),
 
+    /// A fast-path list (`CLA_GPU_DISABLE`) named something that is not a fast path.
+    #[error("{0}")]
+    InvalidFastPaths(String),
+
     /// The adapter was found but refused to open a device.
     #[error("could not open a device on adapter `{adapter}`: {message}")]
     RequestDevice {
