@@ -345,16 +345,25 @@ pub(crate) fn end_batch<S: KvStorage, T>(
     batch: &[SequenceStep<'_>],
     outcome: Result<T>,
 ) -> Result<T> {
+    // Every sequence is ended even if one of them fails (a reservation left open would make
+    // the sequence's next step fail); the first failure is returned.
     match outcome {
         Ok(out) => {
+            let mut failed = None;
             for step in batch {
-                cache.commit(step.seq)?;
+                if let Err(e) = cache.commit(step.seq) {
+                    failed.get_or_insert(e);
+                }
             }
-            Ok(out)
+            match failed {
+                Some(e) => Err(e.into()),
+                None => Ok(out),
+            }
         }
         Err(e) => {
             for step in batch {
-                cache.abort(step.seq)?;
+                // The step's own error says more than a failed abort would.
+                let _ = cache.abort(step.seq);
             }
             Err(e)
         }
@@ -536,5 +545,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// A commit that fails for one step still ends the others' reservations, and the
+    /// failure is returned.
+    #[test]
+    fn a_failed_commit_leaves_no_other_reservation_open() {
+        let mut cache = cache(8);
+        let (a, b) = (cache.add_sequence(), cache.add_sequence());
+        for seq in [a, b] {
+            cache.reserve(seq, 1).unwrap();
+            write_all(&mut cache, seq, 1);
+        }
+        // `a`'s reservation ends early, so committing it again fails.
+        cache.commit(a).unwrap();
+        let tokens = [7u32];
+        let batch = [
+            SequenceStep::last(a, &tokens),
+            SequenceStep::last(b, &tokens),
+        ];
+        let r = end_batch(&mut cache, &batch, Ok(()));
+        assert!(matches!(r, Err(ModelError::Cache(_))), "{r:?}");
+        assert_eq!(cache.sequence_len(b).unwrap(), 1, "b was committed");
+        // No reservation is left open: `b` takes a new step.
+        append(&mut cache, b, 1);
+        assert_eq!(cache.sequence_len(b).unwrap(), 2);
     }
 }
