@@ -30,6 +30,8 @@
 //!   summary line per shape names the fastest correct full call and tile kernel, the
 //!   conversion time, and for the variant `linear` uses how its full call splits into
 //!   tiles, conversion and the rest.
+//! - token_choice: argmax and sampling (temperature with top-k or top-p) over vocabularies of
+//!   32k, 128k and 256k, batch 1 and 32; time per call.
 //! - matvec: decode-shaped matrix-vector products; weight bytes per second and FLOP/s.
 //!
 //! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
@@ -38,7 +40,7 @@
 //! `--device cpu`). The cooperative-matrix row says why when the path is unavailable.
 //!
 //! ```text
-//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec] OUT.json
+//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -46,6 +48,7 @@ use std::time::Instant;
 
 use cla_kernels_wgpu::ops::attention::{DecodeKernel, DecodeOptions};
 use cla_kernels_wgpu::ops::matmul::{CoopVariant, MatmulTile};
+use cla_kernels_wgpu::ops::sampling::{SampleParams, uniform_words};
 use cla_kernels_wgpu::{
     DType, DeviceSelector, GpuContext, GpuError, KvPool, PagedKvLayout, SeqBatch, SeqDesc,
 };
@@ -73,7 +76,9 @@ fn parse_args() -> BenchResult<Args> {
             "--quick" => quick = true,
             "--device" => device = Some(it.next().ok_or("--device needs a value")?),
             "--only" => {
-                let list = it.next().ok_or("--only needs a list: attn,matmul,matvec")?;
+                let list = it
+                    .next()
+                    .ok_or("--only needs a list: attn,matmul,matvec,sample")?;
                 only = Some(list.split(',').map(str::to_owned).collect());
             }
             "--ref-tflops" => {
@@ -86,7 +91,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -416,283 +421,351 @@ fn main() -> BenchResult<()> {
     }
 
     // 3. Prefill matmul.
-    let n = if q { 256 } else { 4096 };
-    let x = ctx.create_tensor(&[n, n], DType::F32, "x")?;
-    let y = ctx.create_tensor(&[n, n], DType::F32, "y")?;
-    for dtype in [DType::F32, DType::F16] {
-        let w = ctx.create_tensor(&[n, n], dtype, "w")?;
-        for tile in [MatmulTile::T4, MatmulTile::T8, MatmulTile::R64] {
-            let secs = match timer.time(if q { 2 } else { 10 }, &mut |enc| {
-                ctx.matmul(enc, &x, &w, &y, tile)
-            }) {
-                Ok(s) => s,
-                Err(e) => {
-                    println!("matmul {tile:?} {}: {e}", dtype.name());
-                    continue;
-                }
-            };
-            rows.push(Row {
-                kind: "matmul",
-                params: vec![
-                    ("m_n_k", format!("{n}x{n}x{n}")),
-                    ("weights", dtype.name().into()),
-                    ("tile", format!("{tile:?}")),
-                ],
-                seconds: secs,
-                bytes_per_s: None,
-                flops: Some(2.0 * (n * n * n) as f64 / secs),
-                note: args.ref_tflops.map_or_else(String::new, |r| {
-                    format!(
-                        "{:.1}% of reference {r} TFLOP/s",
-                        100.0 * 2.0 * (n * n * n) as f64 / secs / (r * 1e12)
-                    )
-                }),
-            });
-        }
-    }
-    drop((x, y));
-    if ctx.coopmat_f16_available() {
-        // Square and tall full-tile shapes, then edges: m, n off the tiles, and n not a
-        // multiple of 4 with k not of 16 (edge stores everywhere); then the first shape again,
-        // to tell a slower shape from a slower run.
-        let shapes: &[(usize, usize, usize)] = if q {
-            &[(256, 256, 256), (300, 200, 136), (256, 256, 256)]
-        } else {
-            &[
-                (4096, 4096, 4096),
-                (8192, 4096, 4096),
-                (4000, 3000, 4096),
-                (1000, 1002, 1000),
-                (4096, 4096, 4096),
-            ]
-        };
-        // Largest max|diff| / max|ref| against R64 accepted (f16 rounding of the activations).
-        const COOP_TOL: f64 = 2e-3;
-        let iters = if q { 2 } else { 10 };
-        let mut summary = Vec::new();
-        for (si, &(m, nn, k)) in shapes.iter().enumerate() {
-            let repeat = shapes[..si].contains(&(m, nn, k));
-            let shape = format!("{m}x{nn}x{k}");
-            let flop = 2.0 * (m * nn * k) as f64;
-            // Deterministic values in [-1, 1).
-            let noise = |len: usize, seed: u64| -> Vec<f32> {
-                let mut st = seed;
-                (0..len)
-                    .map(|_| {
-                        st = st
-                            .wrapping_mul(6_364_136_223_846_793_005)
-                            .wrapping_add(1_442_695_040_888_963_407);
-                        ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-                    })
-                    .collect()
-            };
-            let x = ctx.upload_f32(&noise(m * k, 1), &[m, k])?;
-            let w = ctx.upload_f32_as_f16(&noise(nn * k, 2), &[nn, k])?;
-            let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
-            let y_ref = ctx.create_tensor(&[m, nn], DType::F32, "y_ref")?;
-            let mut enc = ctx.encoder();
-            ctx.matmul(&mut enc, &x, &w, &y_ref, MatmulTile::R64)?;
-            ctx.submit_and_wait(enc)?;
-            let expected = ctx.read_f32(&y_ref)?;
-            let max_ref = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-            let base_note = if repeat { "repeat; " } else { "" };
-
-            // The f32 -> f16 conversion alone (what the f16-reading variants run before their
-            // tiles), into a tensor of the benchmark's own: the tile-only rows read it.
-            let x16 = ctx.create_tensor(&[m, k], DType::F16, "x16")?;
-            let conv_secs = timer.time(iters, &mut |enc| ctx.to_f16(enc, &x, &x16))?;
-            let conv_bytes = (m * k * 6) as f64;
-            rows.push(Row {
-                kind: "coop_to_f16",
-                params: vec![("m_k", format!("{m}x{k}"))],
-                seconds: conv_secs,
-                bytes_per_s: Some(conv_bytes / conv_secs),
-                flops: None,
-                note: format!(
-                    "{base_note}f32 -> f16 activations, read+write bytes; {}",
-                    pct(conv_bytes / conv_secs)
-                ),
-            });
-
-            // (variant, full-call seconds, tile-only seconds) of the correct variants.
-            let mut timed: Vec<(CoopVariant, f64, Option<f64>)> = Vec::new();
-            for variant in CoopVariant::ALL {
-                let (bm, bn) = variant.tile();
-                // The full call (f32 activations: conversion, if any, then tiles), then the
-                // tile kernel alone on the f16 copy.
-                let inputs: &[(&str, &cla_kernels_wgpu::GpuTensor)] = if variant.reads_f32() {
-                    &[("f32 (no conversion)", &x)]
-                } else {
-                    &[("f32 (to_f16 + tiles)", &x), ("f16 (tiles only)", &x16)]
+    if want("matmul") {
+        let n = if q { 256 } else { 4096 };
+        let x = ctx.create_tensor(&[n, n], DType::F32, "x")?;
+        let y = ctx.create_tensor(&[n, n], DType::F32, "y")?;
+        for dtype in [DType::F32, DType::F16] {
+            let w = ctx.create_tensor(&[n, n], dtype, "w")?;
+            for tile in [MatmulTile::T4, MatmulTile::T8, MatmulTile::R64] {
+                let secs = match timer.time(if q { 2 } else { 10 }, &mut |enc| {
+                    ctx.matmul(enc, &x, &w, &y, tile)
+                }) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        println!("matmul {tile:?} {}: {e}", dtype.name());
+                        continue;
+                    }
                 };
-                let mut secs_of = Vec::new();
-                for &(input, xin) in inputs {
-                    let mut params = vec![
-                        ("m_n_k", shape.clone()),
-                        ("variant", variant.name().into()),
-                        ("tile", format!("{bm}x{bn}")),
-                        ("x", input.into()),
-                    ];
-                    // NaN in every element first, so that one the kernel skips counts as wrong.
-                    ctx.fill_u32_pattern(&y, 0x7fc0_0000);
-                    let mut enc = ctx.encoder();
-                    match ctx.matmul_coopmat_with(&mut enc, xin, &w, &y, variant) {
-                        Ok(()) => {}
-                        Err(GpuError::NotAvailable(why)) => {
-                            rows.push(Row {
-                                kind: "matmul_coopmat",
-                                params,
-                                seconds: 0.0,
-                                bytes_per_s: None,
-                                flops: None,
-                                note: format!("not available: {why}"),
-                            });
-                            break;
+                rows.push(Row {
+                    kind: "matmul",
+                    params: vec![
+                        ("m_n_k", format!("{n}x{n}x{n}")),
+                        ("weights", dtype.name().into()),
+                        ("tile", format!("{tile:?}")),
+                    ],
+                    seconds: secs,
+                    bytes_per_s: None,
+                    flops: Some(2.0 * (n * n * n) as f64 / secs),
+                    note: args.ref_tflops.map_or_else(String::new, |r| {
+                        format!(
+                            "{:.1}% of reference {r} TFLOP/s",
+                            100.0 * 2.0 * (n * n * n) as f64 / secs / (r * 1e12)
+                        )
+                    }),
+                });
+            }
+        }
+        drop((x, y));
+        if ctx.coopmat_f16_available() {
+            // Square and tall full-tile shapes, then edges: m, n off the tiles, and n not a
+            // multiple of 4 with k not of 16 (edge stores everywhere); then the first shape again,
+            // to tell a slower shape from a slower run.
+            let shapes: &[(usize, usize, usize)] = if q {
+                &[(256, 256, 256), (300, 200, 136), (256, 256, 256)]
+            } else {
+                &[
+                    (4096, 4096, 4096),
+                    (8192, 4096, 4096),
+                    (4000, 3000, 4096),
+                    (1000, 1002, 1000),
+                    (4096, 4096, 4096),
+                ]
+            };
+            // Largest max|diff| / max|ref| against R64 accepted (f16 rounding of the activations).
+            const COOP_TOL: f64 = 2e-3;
+            let iters = if q { 2 } else { 10 };
+            let mut summary = Vec::new();
+            for (si, &(m, nn, k)) in shapes.iter().enumerate() {
+                let repeat = shapes[..si].contains(&(m, nn, k));
+                let shape = format!("{m}x{nn}x{k}");
+                let flop = 2.0 * (m * nn * k) as f64;
+                // Deterministic values in [-1, 1).
+                let noise = |len: usize, seed: u64| -> Vec<f32> {
+                    let mut st = seed;
+                    (0..len)
+                        .map(|_| {
+                            st = st
+                                .wrapping_mul(6_364_136_223_846_793_005)
+                                .wrapping_add(1_442_695_040_888_963_407);
+                            ((st >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+                        })
+                        .collect()
+                };
+                let x = ctx.upload_f32(&noise(m * k, 1), &[m, k])?;
+                let w = ctx.upload_f32_as_f16(&noise(nn * k, 2), &[nn, k])?;
+                let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
+                let y_ref = ctx.create_tensor(&[m, nn], DType::F32, "y_ref")?;
+                let mut enc = ctx.encoder();
+                ctx.matmul(&mut enc, &x, &w, &y_ref, MatmulTile::R64)?;
+                ctx.submit_and_wait(enc)?;
+                let expected = ctx.read_f32(&y_ref)?;
+                let max_ref = expected.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let base_note = if repeat { "repeat; " } else { "" };
+
+                // The f32 -> f16 conversion alone (what the f16-reading variants run before their
+                // tiles), into a tensor of the benchmark's own: the tile-only rows read it.
+                let x16 = ctx.create_tensor(&[m, k], DType::F16, "x16")?;
+                let conv_secs = timer.time(iters, &mut |enc| ctx.to_f16(enc, &x, &x16))?;
+                let conv_bytes = (m * k * 6) as f64;
+                rows.push(Row {
+                    kind: "coop_to_f16",
+                    params: vec![("m_k", format!("{m}x{k}"))],
+                    seconds: conv_secs,
+                    bytes_per_s: Some(conv_bytes / conv_secs),
+                    flops: None,
+                    note: format!(
+                        "{base_note}f32 -> f16 activations, read+write bytes; {}",
+                        pct(conv_bytes / conv_secs)
+                    ),
+                });
+
+                // (variant, full-call seconds, tile-only seconds) of the correct variants.
+                let mut timed: Vec<(CoopVariant, f64, Option<f64>)> = Vec::new();
+                for variant in CoopVariant::ALL {
+                    let (bm, bn) = variant.tile();
+                    // The full call (f32 activations: conversion, if any, then tiles), then the
+                    // tile kernel alone on the f16 copy.
+                    let inputs: &[(&str, &cla_kernels_wgpu::GpuTensor)] = if variant.reads_f32() {
+                        &[("f32 (no conversion)", &x)]
+                    } else {
+                        &[("f32 (to_f16 + tiles)", &x), ("f16 (tiles only)", &x16)]
+                    };
+                    let mut secs_of = Vec::new();
+                    for &(input, xin) in inputs {
+                        let mut params = vec![
+                            ("m_n_k", shape.clone()),
+                            ("variant", variant.name().into()),
+                            ("tile", format!("{bm}x{bn}")),
+                            ("x", input.into()),
+                        ];
+                        // NaN in every element first, so that one the kernel skips counts as wrong.
+                        ctx.fill_u32_pattern(&y, 0x7fc0_0000);
+                        let mut enc = ctx.encoder();
+                        match ctx.matmul_coopmat_with(&mut enc, xin, &w, &y, variant) {
+                            Ok(()) => {}
+                            Err(GpuError::NotAvailable(why)) => {
+                                rows.push(Row {
+                                    kind: "matmul_coopmat",
+                                    params,
+                                    seconds: 0.0,
+                                    bytes_per_s: None,
+                                    flops: None,
+                                    note: format!("not available: {why}"),
+                                });
+                                break;
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                        Err(e) => return Err(e.into()),
-                    }
-                    ctx.submit_and_wait(enc)?;
-                    let got = ctx.read_f32(&y)?;
-                    let max_diff = got.iter().zip(&expected).fold(0.0f64, |a, (g, r)| {
-                        let d = f64::from((g - r).abs());
-                        if d.is_nan() { f64::INFINITY } else { a.max(d) }
-                    });
-                    let rel = max_diff / f64::from(max_ref.max(f32::MIN_POSITIVE));
-                    let ok = rel <= COOP_TOL;
-                    let secs = timer.time(iters, &mut |enc| {
-                        ctx.matmul_coopmat_with(enc, xin, &w, &y, variant)
-                    })?;
-                    let flops = flop / secs;
-                    let mut note = format!("{base_note}max|diff| / max|ref| vs R64 = {rel:.2e}");
-                    if let Some(r) = args.ref_tflops {
-                        let _ = write!(
+                        ctx.submit_and_wait(enc)?;
+                        let got = ctx.read_f32(&y)?;
+                        let max_diff = got.iter().zip(&expected).fold(0.0f64, |a, (g, r)| {
+                            let d = f64::from((g - r).abs());
+                            if d.is_nan() { f64::INFINITY } else { a.max(d) }
+                        });
+                        let rel = max_diff / f64::from(max_ref.max(f32::MIN_POSITIVE));
+                        let ok = rel <= COOP_TOL;
+                        let secs = timer.time(iters, &mut |enc| {
+                            ctx.matmul_coopmat_with(enc, xin, &w, &y, variant)
+                        })?;
+                        let flops = flop / secs;
+                        let mut note =
+                            format!("{base_note}max|diff| / max|ref| vs R64 = {rel:.2e}");
+                        if let Some(r) = args.ref_tflops {
+                            let _ = write!(
+                                note,
+                                "; {:.1}% of reference {r} TFLOP/s",
+                                100.0 * flops / (r * 1e12)
+                            );
+                        }
+                        if variant == CoopVariant::for_shape(m, nn, &feats) && secs_of.is_empty() {
+                            note.push_str("; used by linear");
+                        }
+                        params.push(("check", if ok { "ok" } else { "MISMATCH" }.into()));
+                        rows.push(Row {
+                            kind: "matmul_coopmat",
+                            params,
+                            seconds: secs,
+                            bytes_per_s: None,
+                            flops: Some(flops),
                             note,
-                            "; {:.1}% of reference {r} TFLOP/s",
-                            100.0 * flops / (r * 1e12)
-                        );
+                        });
+                        secs_of.push(ok.then_some(secs));
                     }
-                    if variant == CoopVariant::for_shape(m, nn, &feats) && secs_of.is_empty() {
-                        note.push_str("; used by linear");
+                    if let Some(&Some(full)) = secs_of.first() {
+                        timed.push((variant, full, secs_of.get(1).copied().flatten()));
                     }
-                    params.push(("check", if ok { "ok" } else { "MISMATCH" }.into()));
-                    rows.push(Row {
-                        kind: "matmul_coopmat",
-                        params,
-                        seconds: secs,
-                        bytes_per_s: None,
-                        flops: Some(flops),
-                        note,
-                    });
-                    secs_of.push(ok.then_some(secs));
                 }
-                if let Some(&Some(full)) = secs_of.first() {
-                    timed.push((variant, full, secs_of.get(1).copied().flatten()));
-                }
-            }
-            let tf = |s: f64| flop / s / 1e12;
-            let mut line = format!(
-                "matmul_coopmat {shape}{}:",
-                if repeat { " (repeat)" } else { "" }
-            );
-            match timed.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-                Some(&(v, full, _)) => {
-                    let _ = write!(
-                        line,
-                        " fastest correct variant {} ({:.1} TFLOP/s)",
-                        v.name(),
-                        tf(full)
-                    );
-                }
-                None => {
-                    let _ = write!(line, " no variant within {COOP_TOL:e}");
-                }
-            }
-            if let Some(&(v, _, Some(tile))) =
-                timed.iter().filter(|t| t.2.is_some()).min_by(|a, b| {
-                    a.2.unwrap_or(f64::INFINITY)
-                        .total_cmp(&b.2.unwrap_or(f64::INFINITY))
-                })
-            {
-                let _ = write!(
-                    line,
-                    "; fastest tile kernel {} ({:.1} TFLOP/s)",
-                    v.name(),
-                    tf(tile)
+                let tf = |s: f64| flop / s / 1e12;
+                let mut line = format!(
+                    "matmul_coopmat {shape}{}:",
+                    if repeat { " (repeat)" } else { "" }
                 );
-            }
-            let _ = write!(line, "; to_f16 {:.1} us", conv_secs * 1e6);
-            let used = CoopVariant::for_shape(m, nn, &feats);
-            match timed.iter().find(|t| t.0 == used) {
-                Some(&(v, full, tile)) => {
-                    let _ = write!(line, "; linear uses {} ({:.1} TFLOP/s", v.name(), tf(full));
-                    if let Some(tile) = tile {
+                match timed.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+                    Some(&(v, full, _)) => {
                         let _ = write!(
                             line,
-                            ", tiles alone {:.1} TFLOP/s, full - tiles - to_f16 = {:.1} us",
-                            tf(tile),
-                            (full - tile - conv_secs) * 1e6
+                            " fastest correct variant {} ({:.1} TFLOP/s)",
+                            v.name(),
+                            tf(full)
                         );
                     }
-                    line.push(')');
+                    None => {
+                        let _ = write!(line, " no variant within {COOP_TOL:e}");
+                    }
                 }
-                None => {
-                    let _ = write!(line, "; linear uses {} (not correct here)", used.name());
+                if let Some(&(v, _, Some(tile))) =
+                    timed.iter().filter(|t| t.2.is_some()).min_by(|a, b| {
+                        a.2.unwrap_or(f64::INFINITY)
+                            .total_cmp(&b.2.unwrap_or(f64::INFINITY))
+                    })
+                {
+                    let _ = write!(
+                        line,
+                        "; fastest tile kernel {} ({:.1} TFLOP/s)",
+                        v.name(),
+                        tf(tile)
+                    );
                 }
+                let _ = write!(line, "; to_f16 {:.1} us", conv_secs * 1e6);
+                let used = CoopVariant::for_shape(m, nn, &feats);
+                match timed.iter().find(|t| t.0 == used) {
+                    Some(&(v, full, tile)) => {
+                        let _ = write!(line, "; linear uses {} ({:.1} TFLOP/s", v.name(), tf(full));
+                        if let Some(tile) = tile {
+                            let _ = write!(
+                                line,
+                                ", tiles alone {:.1} TFLOP/s, full - tiles - to_f16 = {:.1} us",
+                                tf(tile),
+                                (full - tile - conv_secs) * 1e6
+                            );
+                        }
+                        line.push(')');
+                    }
+                    None => {
+                        let _ = write!(line, "; linear uses {} (not correct here)", used.name());
+                    }
+                }
+                summary.push(line);
             }
-            summary.push(line);
-        }
-        for line in &summary {
-            println!("{line}");
-        }
-    } else {
-        rows.push(Row {
-            kind: "matmul_coopmat",
-            params: vec![],
-            seconds: 0.0,
-            bytes_per_s: None,
-            flops: None,
-            note: format!(
-                "not available (cooperative matrix shapes {:?}, subgroup size {:?}, f16 {})",
-                feats.cooperative_matrix, feats.subgroup_size, feats.shader_f16
-            ),
-        });
-    }
-
-    // 4. Decode-shaped matvec.
-    let shapes: &[(usize, usize, usize)] = if q {
-        &[(1, 256, 256), (8, 256, 256)]
-    } else {
-        &[
-            (1, 4096, 4096),
-            (1, 14336, 4096),
-            (8, 4096, 4096),
-            (1, 4096, 14336),
-        ]
-    };
-    for &(m, nn, k) in shapes {
-        for dtype in [DType::F32, DType::F16] {
-            let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
-            let w = ctx.create_tensor(&[nn, k], dtype, "w")?;
-            let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
-            let secs = timer.time(if q { 3 } else { 50 }, &mut |enc| {
-                ctx.matvec(enc, &x, &w, &y)
-            })?;
-            let bytes = (nn * k * dtype.size()) as f64;
+            for line in &summary {
+                println!("{line}");
+            }
+        } else {
             rows.push(Row {
-                kind: "matvec",
-                params: vec![
-                    ("m_n_k", format!("{m}x{nn}x{k}")),
-                    ("weights", dtype.name().into()),
-                ],
-                seconds: secs,
-                bytes_per_s: Some(bytes / secs),
-                flops: Some(2.0 * (m * nn * k) as f64 / secs),
-                note: pct(bytes / secs),
+                kind: "matmul_coopmat",
+                params: vec![],
+                seconds: 0.0,
+                bytes_per_s: None,
+                flops: None,
+                note: format!(
+                    "not available (cooperative matrix shapes {:?}, subgroup size {:?}, f16 {})",
+                    feats.cooperative_matrix, feats.subgroup_size, feats.shader_f16
+                ),
             });
         }
     }
+    // 4. Token choice: argmax and sampling over one row of logits per sequence (the bytes
+    // are the logits read once; sampling reads them several times).
+    if want("sample") {
+        let vocabs: &[usize] = if q {
+            &[4096]
+        } else {
+            &[32_000, 128_256, 256_000]
+        };
+        for &vocab in vocabs {
+            for batch in [1usize, 32] {
+                let logits: Vec<f32> = (0..batch * vocab)
+                    .map(|i| (i.wrapping_mul(2_654_435_761) % 1000) as f32 * 0.01)
+                    .collect();
+                let lt = ctx.upload_f32(&logits, &[batch, vocab])?;
+                let mut words = Vec::with_capacity(batch * 2);
+                for r in 0..batch {
+                    words.extend(uniform_words((r as f64 + 0.5) / batch as f64)?);
+                }
+                let ut = ctx.upload_u32(&words, &[batch, 2])?;
+                let out = ctx.create_tensor(&[batch], DType::U32, "ids")?;
+                let methods = [
+                    ("argmax", None),
+                    (
+                        "temperature 0.8, top-k 50",
+                        Some(SampleParams {
+                            temperature: 0.8,
+                            top_k: 50,
+                            top_p: 1.0,
+                        }),
+                    ),
+                    (
+                        "temperature 0.8, top-p 0.9",
+                        Some(SampleParams {
+                            temperature: 0.8,
+                            top_k: 0,
+                            top_p: 0.9,
+                        }),
+                    ),
+                ];
+                for (method, params) in methods {
+                    eprintln!("token_choice vocab {vocab} batch {batch} {method}");
+                    let secs =
+                        timer.time_in_pass(if q { 2 } else { 20 }, &mut |enc| match &params {
+                            None => ctx.argmax(enc, &lt, &out),
+                            Some(p) => ctx.sample(enc, &lt, &ut, p, &out),
+                        })?;
+                    let bytes = (batch * vocab * 4) as f64;
+                    rows.push(Row {
+                        kind: "token_choice",
+                        params: vec![
+                            ("vocab", vocab.to_string()),
+                            ("batch", batch.to_string()),
+                            ("method", method.to_string()),
+                        ],
+                        seconds: secs,
+                        bytes_per_s: Some(bytes / secs),
+                        flops: None,
+                        note: format!("{:.1} us per call", secs * 1e6),
+                    });
+                }
+            }
+        }
+    }
 
-    // Table.
+    // 5. Decode-shaped matvec.
+    if want("matvec") {
+        let shapes: &[(usize, usize, usize)] = if q {
+            &[(1, 256, 256), (8, 256, 256)]
+        } else {
+            &[
+                (1, 4096, 4096),
+                (1, 14336, 4096),
+                (8, 4096, 4096),
+                (1, 4096, 14336),
+            ]
+        };
+        for &(m, nn, k) in shapes {
+            for dtype in [DType::F32, DType::F16] {
+                let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
+                let w = ctx.create_tensor(&[nn, k], dtype, "w")?;
+                let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
+                let secs = timer.time(if q { 3 } else { 50 }, &mut |enc| {
+                    ctx.matvec(enc, &x, &w, &y)
+                })?;
+                let bytes = (nn * k * dtype.size()) as f64;
+                rows.push(Row {
+                    kind: "matvec",
+                    params: vec![
+                        ("m_n_k", format!("{m}x{nn}x{k}")),
+                        ("weights", dtype.name().into()),
+                    ],
+                    seconds: secs,
+                    bytes_per_s: Some(bytes / secs),
+                    flops: Some(2.0 * (m * nn * k) as f64 / secs),
+                    note: pct(bytes / secs),
+                });
+            }
+        }
+
+        // Table.
+    }
     println!(
         "\n{:<15} {:<62} {:>11} {:>10} {:>10}  note",
         "kernel", "params", "time_us", "GB/s", "TFLOP/s"
