@@ -7,7 +7,6 @@
 
 mod common;
 
-use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::KvDType;
 use cla_model::{
     Decoder, GenerationConfig, GpuDecoder, LoadedModel, SamplingConfig, SequenceStep, StopReason,
@@ -17,17 +16,12 @@ use common::max_abs_diff;
 use common::stories260k::{golden, golden_logits, ids, model_dir};
 use serde_json::Value;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 
 fn load() -> (LoadedModel, GpuDecoder) {
     let model = LoadedModel::load(model_dir()).unwrap();
     let context = model.weights.config.max_position_embeddings;
-    let sel = DeviceSelector::from_env()
-        .expect("CLA_DEVICE / CLA_GPU_DISABLE")
-        .allow_cpu(true);
-    let ctx = Arc::new(GpuContext::new(&sel).expect("a wgpu adapter"));
     let decoder = GpuDecoder::new(
-        ctx,
+        common::gpu_ctx(),
         &model.weights,
         cache_config_for(context, 4, KvDType::F32),
     )

@@ -9,36 +9,19 @@
 mod common;
 
 use cla_core::{KvSharing, ModelConfig, SharingPattern};
-use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType, KvShape, PagedKvCache};
 use cla_model::gpu::GpuKvStorage;
 use cla_model::{
     CpuDecoder, Decoder, GenerationConfig, GpuDecoder, GpuDecoderOptions, GpuWeightDType,
     ModelError, ModelWeights, RandomWeightsOptions, SamplingConfig, SequenceStep, generate_ids,
 };
-use common::{max_abs_diff, small_config};
+use common::{gpu_ctx, max_abs_diff, small_config};
 use ndarray::Array2;
 use proptest::prelude::*;
 use std::ops::ControlFlow;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 const TOL: f32 = 1e-4;
-
-/// One device for the whole test binary (pipelines are built once).
-fn ctx() -> Arc<GpuContext> {
-    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    Arc::clone(CTX.get_or_init(|| {
-        let sel = DeviceSelector::from_env()
-            .expect("CLA_DEVICE / CLA_GPU_DISABLE")
-            .allow_cpu(true);
-        Arc::new(GpuContext::new(&sel).unwrap_or_else(|e| {
-            panic!(
-                "the GPU decoder tests need a wgpu adapter: {e}\n\
-                 (apt-get install mesa-vulkan-drivers libvulkan1 gives a software one)"
-            )
-        }))
-    }))
-}
 
 fn sharing(pattern: SharingPattern, layers: usize) -> Vec<usize> {
     pattern.build(layers).unwrap().sources().to_vec()
@@ -51,7 +34,7 @@ fn cache() -> KvCacheConfig {
 
 fn pair(w: &Arc<ModelWeights>, cache: KvCacheConfig) -> (CpuDecoder, GpuDecoder) {
     let cpu = CpuDecoder::new(Arc::clone(w), cache).unwrap();
-    let gpu = GpuDecoder::new(ctx(), w, cache).unwrap();
+    let gpu = GpuDecoder::new(gpu_ctx(), w, cache).unwrap();
     (cpu, gpu)
 }
 
@@ -217,9 +200,9 @@ fn dense_gqa_and_yoco_tail_match_cpu() {
 fn the_tail_skip_changes_nothing() {
     let c = small_config(vec![0, 1, 1, 1], 32, 4, 2, 8, 40, true);
     let w = random(&c, 6, false);
-    let mut on = GpuDecoder::new(ctx(), &w, cache()).unwrap();
+    let mut on = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
     let mut off = GpuDecoder::with_options(
-        ctx(),
+        gpu_ctx(),
         &w,
         cache(),
         GpuDecoderOptions {
@@ -372,9 +355,9 @@ fn f16_cache_and_f16_weights_stay_close() {
     let p = tokens(10, 11, 40);
     let f16_cache = KvCacheConfig::new(16, KvDType::F16).with_block_size(4);
     let mut cpu = CpuDecoder::new(Arc::clone(&w), f16_cache).unwrap();
-    let mut gpu = GpuDecoder::new(ctx(), &w, f16_cache).unwrap();
+    let mut gpu = GpuDecoder::new(gpu_ctx(), &w, f16_cache).unwrap();
     let mut gpu16 = GpuDecoder::with_options(
-        ctx(),
+        gpu_ctx(),
         &w,
         cache(),
         GpuDecoderOptions {
@@ -448,7 +431,7 @@ fn gpu_storage_round_trips_host_writes_like_the_cpu_storage() {
     for dtype in KvDType::ALL {
         let config = KvCacheConfig::new(6, dtype).with_block_size(4);
         let layout = cla_kv::KvLayout::new(&shape, &config).unwrap();
-        let storage = GpuKvStorage::new(ctx(), layout).unwrap();
+        let storage = GpuKvStorage::new(gpu_ctx(), layout).unwrap();
         let mut gpu = PagedKvCache::with_storage(shape.clone(), config, storage).unwrap();
         let mut cpu = PagedKvCache::new(shape.clone(), config).unwrap();
         let fill = |n: usize, base: f32| -> Vec<f32> {

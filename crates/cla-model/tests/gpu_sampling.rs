@@ -14,31 +14,15 @@
 mod common;
 
 use cla_core::ModelConfig;
-use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
 use cla_model::{
     Decoder, GenerationConfig, GpuDecoder, LoadedModel, ModelError, ModelWeights, Sampler,
     SamplingConfig, SequenceCache, SequenceId, SequenceStep, TokenChoice, generate_ids,
 };
-use common::small_config;
+use common::{gpu_ctx, small_config};
 use ndarray::Array2;
 use std::ops::ControlFlow;
-use std::sync::{Arc, OnceLock};
-
-fn ctx() -> Arc<GpuContext> {
-    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    Arc::clone(CTX.get_or_init(|| {
-        let sel = DeviceSelector::from_env()
-            .expect("CLA_DEVICE / CLA_GPU_DISABLE")
-            .allow_cpu(true);
-        Arc::new(GpuContext::new(&sel).unwrap_or_else(|e| {
-            panic!(
-                "the GPU sampling tests need a wgpu adapter: {e}\n\
-                 (apt-get install mesa-vulkan-drivers libvulkan1 gives a software one)"
-            )
-        }))
-    }))
-}
+use std::sync::Arc;
 
 /// A GPU decoder that reads its logits back and samples on the host: the default
 /// `forward_greedy` and `forward_sample` of the trait.
@@ -74,8 +58,8 @@ fn cache() -> KvCacheConfig {
 
 fn twins(w: &Arc<ModelWeights>) -> (GpuDecoder, HostSampled) {
     (
-        GpuDecoder::new(ctx(), w, cache()).unwrap(),
-        HostSampled(GpuDecoder::new(ctx(), w, cache()).unwrap()),
+        GpuDecoder::new(gpu_ctx(), w, cache()).unwrap(),
+        HostSampled(GpuDecoder::new(gpu_ctx(), w, cache()).unwrap()),
     )
 }
 
@@ -142,8 +126,8 @@ fn a_trained_model_samples_the_same_text_on_the_gpu() {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/small-mqa-cla2");
     let model = LoadedModel::load(&dir).unwrap();
     let cache = KvCacheConfig::new(32, KvDType::F32).with_block_size(16);
-    let mut gpu = GpuDecoder::new(ctx(), &model.weights, cache).unwrap();
-    let mut host = HostSampled(GpuDecoder::new(ctx(), &model.weights, cache).unwrap());
+    let mut gpu = GpuDecoder::new(gpu_ctx(), &model.weights, cache).unwrap();
+    let mut host = HostSampled(GpuDecoder::new(gpu_ctx(), &model.weights, cache).unwrap());
     let prompts = ["Once upon a time", "The little dog"];
     let sampling = sampling(0.8, 40, 0.95, 1.1, 3);
     let cfg = GenerationConfig {

@@ -4,33 +4,20 @@
 //! GPU decoder must each reproduce the PyTorch logits within 1e-3 (max abs) and the greedy
 //! tokens exactly (all of them teacher-forced, the first few free-running).
 
-use cla_kernels_wgpu::{DeviceSelector, GpuContext};
+mod common;
+
 use cla_kv::KvDType;
 use cla_model::{
     CpuDecoder, Decoder, GenerationConfig, GpuDecoder, LoadedModel, SamplingConfig, SequenceStep,
     cache_config_for, generate_ids,
 };
+use common::gpu_ctx;
 use serde_json::Value;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 const TOL: f32 = 1e-3;
-
-fn ctx() -> Arc<GpuContext> {
-    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
-    Arc::clone(CTX.get_or_init(|| {
-        let sel = DeviceSelector::from_env()
-            .expect("CLA_DEVICE / CLA_GPU_DISABLE")
-            .allow_cpu(true);
-        Arc::new(GpuContext::new(&sel).unwrap_or_else(|e| {
-            panic!(
-                "the GPU decoder tests need a wgpu adapter: {e}\n\
-                 (apt-get install mesa-vulkan-drivers libvulkan1 gives a software one)"
-            )
-        }))
-    }))
-}
 
 fn model_dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -196,7 +183,7 @@ fn run_both(name: &str) {
     let cache = cache_config_for(context, 2, KvDType::F32);
     let mut cpu = CpuDecoder::new(Arc::clone(&model.weights), cache).unwrap();
     check(name, &mut cpu, "cpu");
-    let mut gpu = GpuDecoder::new(ctx(), &model.weights, cache).unwrap();
+    let mut gpu = GpuDecoder::new(gpu_ctx(), &model.weights, cache).unwrap();
     check(name, &mut gpu, "gpu");
 
     // Greedy ids picked on the GPU, one batched step per token.

@@ -7,7 +7,26 @@ pub mod naive;
 pub mod stories260k;
 
 use cla_core::{KvSharing, ModelConfig};
+use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// One wgpu device for the whole test binary (pipelines are built once): the adapter
+/// `CLA_DEVICE` names, else the best one, the software one allowed.
+pub fn gpu_ctx() -> Arc<GpuContext> {
+    static CTX: OnceLock<Arc<GpuContext>> = OnceLock::new();
+    Arc::clone(CTX.get_or_init(|| {
+        let sel = DeviceSelector::from_env()
+            .expect("CLA_DEVICE / CLA_GPU_DISABLE")
+            .allow_cpu(true);
+        Arc::new(GpuContext::new(&sel).unwrap_or_else(|e| {
+            panic!(
+                "the GPU tests need a wgpu adapter: {e}\n\
+                 (apt-get install mesa-vulkan-drivers libvulkan1 gives a software one)"
+            )
+        }))
+    }))
+}
 
 /// A small config with the given sharing map (`sources[i]` = the layer whose K/V layer `i`
 /// reads).
