@@ -450,12 +450,7 @@ impl<S: KvStorage> PagedKvCache<S> {
                 .write_tokens(slot, block, offset, &keys[from..to], &values[from..to]);
             pos += m;
         }
-        let r = self
-            .sequences
-            .get_mut(&seq)
-            .and_then(|s| s.pending.as_mut())
-            .expect("checked above");
-        r.written[slot] = true;
+        self.set_written(seq, slot);
         Ok(())
     }
 
@@ -484,13 +479,19 @@ impl<S: KvStorage> PagedKvCache<S> {
                 reserved,
             });
         }
+        self.set_written(seq, slot);
+        Ok(())
+    }
+
+    /// Records that `slot`'s rows of `seq`'s open reservation are stored (the caller has
+    /// checked that the reservation exists).
+    fn set_written(&mut self, seq: SequenceId, slot: usize) {
         let r = self
             .sequences
             .get_mut(&seq)
             .and_then(|s| s.pending.as_mut())
-            .expect("checked above");
+            .expect("checked by the caller");
         r.written[slot] = true;
-        Ok(())
     }
 
     /// Makes the reserved tokens part of `seq`; every producer layer must have written
