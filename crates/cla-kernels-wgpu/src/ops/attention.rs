@@ -29,6 +29,7 @@ use crate::pipeline::{
 use crate::tensor::{DType, GpuTensor};
 
 const SRC: &str = include_str!("../shaders/attention.wgsl");
+const COMMON_SRC: &str = include_str!("../shaders/attn_common.wgsl");
 const REDUCE_SRC: &str = include_str!("../shaders/attn_reduce.wgsl");
 const DECODE_SRC: &str = include_str!("../shaders/attn_decode.wgsl");
 const LANES_SRC: &str = include_str!("../shaders/attn_decode_lanes.wgsl");
@@ -190,7 +191,7 @@ fn decode_source(
 ) -> Result<String> {
     let c4 = hd.div_ceil(4);
     let cpk = hd / ch;
-    render(
+    render_attention(
         name,
         DECODE_SRC,
         &[
@@ -224,6 +225,14 @@ fn decode_source(
             ),
         ],
     )
+}
+
+/// [`render`] for the attention shaders, which share their parameter block and first
+/// bindings (`shaders/attn_common.wgsl`, written by [`GpuContext::attention_params`]).
+fn render_attention(name: &str, src: &str, vars: &[(&str, String)]) -> Result<String> {
+    let mut all = vec![("ATTN_COMMON", COMMON_SRC.to_owned())];
+    all.extend(vars.iter().cloned());
+    render(name, src, &all)
 }
 
 /// Declaration of a K or V pool binding read in chunks of `ch` elements: the loader
@@ -421,7 +430,7 @@ fn lanes_source(name: &str, hd: u32, block_size: u32, f32s: bool, p: &LanesPlan)
              return vec4<f32>(unpack2x16float(r.z), unpack2x16float(r.w));\n\
          }\n"
     };
-    render(
+    render_attention(
         name,
         LANES_SRC,
         &[
@@ -553,7 +562,7 @@ impl GpuContext {
             } else {
                 ("", "")
             };
-            let body = render(
+            let body = render_attention(
                 name,
                 SRC,
                 &[

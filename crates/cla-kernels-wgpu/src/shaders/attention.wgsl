@@ -14,32 +14,11 @@
 // the tile has fewer dots than threads, e.g. MHA decode with R = 1); the R x HD output
 // accumulator is spread over the threads, NACC elements each.
 //
-// Placeholders (written in double braces below): K_DECL (binding 4, k_ld), V_DECL (binding 5,
+// Placeholders (written in double braces below): ATTN_COMMON (attn_common.wgsl: the
+// parameter block and bindings 0-3), K_DECL (binding 4, k_ld), V_DECL (binding 5,
 // v_ld), ML_DECL (binding 7 in decode mode), HD, R, BK, WG, SPLIT, NACC, DECODE.
 
-struct Params {
-    n_q_heads: u32,
-    n_kv_heads: u32,
-    group: u32,
-    scale: f32,
-    block_size: u32,
-    k_base: u32,
-    v_base: u32,
-    block_stride: u32,
-    head_stride: u32,
-    token_stride: u32,
-    chunk: u32,
-    n_splits: u32,
-    row_groups: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> seqs: array<u32>;
-@group(0) @binding(3) var<storage, read> block_table: array<u32>;
+{{ATTN_COMMON}}
 {{K_DECL}}
 {{V_DECL}}
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;

@@ -19,35 +19,14 @@
 // Output: the unnormalised partial row with its (m, l) for attn_reduce.wgsl, or, when the
 // sequence is not split (n_splits == 1), the normalised row.
 //
-// Placeholders (written in double braces below): K_DECL / V_DECL (bindings 4 and 5 with the
+// Placeholders (written in double braces below): ATTN_COMMON (attn_common.wgsl: the
+// parameter block and bindings 0-3), K_DECL / V_DECL (bindings 4 and 5 with the
 // loaders k_load / v_load and the converters k_put / v_put), HD, C4 (HD rounded up to a
 // multiple of 4, in vec4s), RP, BK, WG, NKT, TK, NRT, TR, NC, NRO, TRO, TC, CH, CPK, NLD,
 // SUBGROUP, LANE_XOR (subgroupShuffleXor, or a stub never called without subgroups:
 // the validator rejects subgroup built-ins on devices without SUBGROUP even in dead code).
 
-struct Params {
-    n_q_heads: u32,
-    n_kv_heads: u32,
-    group: u32,
-    scale: f32,
-    block_size: u32,
-    k_base: u32,
-    v_base: u32,
-    block_stride: u32,
-    head_stride: u32,
-    token_stride: u32,
-    chunk: u32,
-    n_splits: u32,
-    row_groups: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> seqs: array<u32>;
-@group(0) @binding(3) var<storage, read> block_table: array<u32>;
+{{ATTN_COMMON}}
 {{K_DECL}}
 {{V_DECL}}
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;

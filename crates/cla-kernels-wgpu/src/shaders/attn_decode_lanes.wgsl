@@ -19,34 +19,13 @@
 // then across subgroups through workgroup memory. The result is the unnormalised partial row
 // with its (m, l) for attn_reduce.wgsl, or the normalised row when the sequence is not split.
 //
-// Placeholders (written in double braces below): KV_DECL (bindings 4 and 5 with `KRaw`,
+// Placeholders (written in double braces below): ATTN_COMMON (attn_common.wgsl: the
+// parameter block and bindings 0-3), KV_DECL (bindings 4 and 5 with `KRaw`,
 // `k_ld(elem)`, `v_ld(elem)` and `cv(raw, h) -> vec4<f32>` giving the h-th of VQ vec4s of a
 // raw load), HD, G, L, NV (vector loads per lane and row), VW (elements per vector load), VQ,
 // T, BS (tokens per block), WG, MAXSG (most subgroups a workgroup can have).
 
-struct Params {
-    n_q_heads: u32,
-    n_kv_heads: u32,
-    group: u32,
-    scale: f32,
-    block_size: u32,
-    k_base: u32,
-    v_base: u32,
-    block_stride: u32,
-    head_stride: u32,
-    token_stride: u32,
-    chunk: u32,
-    n_splits: u32,
-    row_groups: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> seqs: array<u32>;
-@group(0) @binding(3) var<storage, read> block_table: array<u32>;
+{{ATTN_COMMON}}
 {{KV_DECL}}
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ml: array<f32>;
