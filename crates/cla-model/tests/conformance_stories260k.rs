@@ -14,7 +14,7 @@ use cla_model::{
     CpuDecoder, Decoder, GenerationConfig, LoadedModel, PerplexityConfig, SamplingConfig,
     SequenceStep, StopReason, cache_config_for, generate, perplexity_of_ids,
 };
-use common::stories260k::{golden, golden_logits, ids, model_dir};
+use common::stories260k::{check_teacher_forced, golden, golden_logits, ids, model_dir};
 use serde_json::Value;
 use std::ops::ControlFlow;
 
@@ -114,36 +114,8 @@ fn conformance_stories260k_greedy_continuations() {
         assert!(generation.kv_bytes > 0);
 
         // Beyond the robust prefix (and everywhere, as a check): teacher forcing on
-        // full_ids, the argmax at each step must be the golden token.
-        let full = ids(&p["full_ids"]);
-        let seq = decoder.add_sequence();
-        let logits = decoder
-            .forward(&[SequenceStep::all(seq, &full[..full.len() - 1])])
-            .unwrap()
-            .remove(0);
-        decoder.free_sequence(seq).unwrap();
-        let start = ids(&p["prompt_ids"]).len() - 1;
-        for (k, &want) in new_ids.iter().enumerate() {
-            let row = logits.row(start + k);
-            let argmax = row
-                .iter()
-                .enumerate()
-                .fold(
-                    (0, f32::NEG_INFINITY),
-                    |b, (j, &v)| if v > b.1 { (j, v) } else { b },
-                )
-                .0 as u32;
-            assert_eq!(argmax, want, "prompt {i}: teacher-forced step {k}");
-        }
-        // Top-5 logits of the first 8 steps.
-        for (k, top5) in p["top5_first8"].as_array().unwrap().iter().enumerate() {
-            let row = logits.row(start + k);
-            for pair in top5.as_array().unwrap() {
-                let id = pair[0].as_u64().unwrap() as usize;
-                let want = pair[1].as_f64().unwrap() as f32;
-                assert!((row[id] - want).abs() < 1e-4, "prompt {i} step {k} id {id}");
-            }
-        }
+        // full_ids, the argmax at each step must be the golden token; top-5 logits.
+        check_teacher_forced(&mut decoder, p, &new_ids, i);
     }
 }
 
