@@ -104,3 +104,56 @@ pub fn values(seed: u64, n: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// Parses, validates with every capability an H100 offers and translates to SPIR-V (the
+/// Vulkan path). Also checks the operands of every multiply-add, which naga's validator
+/// leaves alone: a cooperative load takes its scalar type from the pointer, so a load
+/// through a `u32` array would silently make an integer matrix; and that every workgroup
+/// variable is a whole number of 16-byte units.
+pub fn validate_coop(what: &str, src: &str) -> wgpu::naga::Module {
+    use wgpu::naga;
+    let module = naga::front::wgsl::parse_str(src)
+        .unwrap_or_else(|e| panic!("{what}: {}", e.emit_to_string(src)));
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .unwrap_or_else(|e| panic!("{what}: {e:?}"));
+    naga::back::spv::write_vec(&module, &info, &naga::back::spv::Options::default(), None)
+        .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e:?}"));
+    let functions = module.functions.iter().map(|(h, f)| (f, &info[h])).chain(
+        (module.entry_points.iter().enumerate())
+            .map(|(i, ep)| (&ep.function, info.get_entry_point(i))),
+    );
+    let (f16, f32) = (naga::Scalar::F16, naga::Scalar::F32);
+    for (fun, fi) in functions {
+        for (_, e) in fun.expressions.iter() {
+            let naga::Expression::CooperativeMultiplyAdd { a, b, c } = *e else {
+                continue;
+            };
+            use naga::CooperativeRole as R;
+            for (op, want_scalar, want_role) in [(a, f16, R::A), (b, f16, R::B), (c, f32, R::C)] {
+                let ty = fi[op].ty.inner_with(&module.types);
+                assert!(
+                    matches!(*ty, naga::TypeInner::CooperativeMatrix { scalar, role, .. }
+                        if scalar == want_scalar && role == want_role),
+                    "{what}: multiply-add operand {want_role:?} is {ty:?}"
+                );
+            }
+        }
+    }
+    // Workgroup variables of whole 16-byte units: with a 4-byte one among them, cooperative
+    // loads from the others read 4 bytes early on the NVIDIA driver.
+    for (_, g) in module.global_variables.iter() {
+        if g.space == naga::AddressSpace::WorkGroup {
+            let size = module.types[g.ty].inner.size(module.to_ctx());
+            assert!(
+                size.is_multiple_of(16),
+                "{what}: workgroup variable {:?} is {size} bytes, not a multiple of 16",
+                g.name
+            );
+        }
+    }
+    module
+}

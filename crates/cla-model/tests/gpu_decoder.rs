@@ -387,6 +387,37 @@ fn f16_cache_and_f16_weights_stay_close() {
     );
 }
 
+/// A wide MQA group (32 query heads on one K/V head, head_dim 16) over an f16 cache, decoded
+/// token by token: on a device with cooperative matrices this is the tensor-core decode
+/// kernel's path, elsewhere the lane-group or tiled one; the logits follow the CPU's.
+#[test]
+fn wide_mqa_decode_over_an_f16_cache_stays_close() {
+    let c = small_config(sharing(SharingPattern::Cla(2), 2), 64, 32, 1, 16, 37, true);
+    let w = random(&c, 12, true);
+    let f16_cache = KvCacheConfig::new(48, KvDType::F16).with_block_size(4);
+    let mut cpu = CpuDecoder::new(Arc::clone(&w), f16_cache).unwrap();
+    let mut gpu = GpuDecoder::new(gpu_ctx(), &w, f16_cache).unwrap();
+    let (a, b) = (cpu.add_sequence(), gpu.add_sequence());
+    let toks = tokens(12, 40, 37);
+    for (i, t) in toks.iter().enumerate() {
+        let one = [*t];
+        let want = cpu
+            .forward(&[SequenceStep::all(a, &one)])
+            .unwrap()
+            .remove(0);
+        let got = gpu
+            .forward(&[SequenceStep::all(b, &one)])
+            .unwrap()
+            .remove(0);
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let diff = max_abs_diff(want.as_slice().unwrap(), got.as_slice().unwrap());
+        assert!(
+            diff < 1e-2 * scale,
+            "token {i}: {diff} (logits up to {scale})"
+        );
+    }
+}
+
 #[test]
 fn rows_the_kernel_appends_are_what_the_cache_reads() {
     // `kv_append` writes the pool and the cache is only told (`mark_written`): reading

@@ -35,8 +35,8 @@ struct Scenario {
 fn scenario(decode: bool) -> impl Strategy<Value = Scenario> {
     (
         1usize..4,
-        prop::sample::select(vec![1usize, 2, 3, 5, 8, 16]),
-        prop::sample::select(vec![2usize, 8, 46, 64, 90]),
+        prop::sample::select(vec![1usize, 2, 3, 5, 8, 16, 32]),
+        prop::sample::select(vec![2usize, 8, 16, 46, 64, 90]),
         prop::sample::select(vec![1usize, 3, 4, 16]),
         prop::collection::vec((1usize..70, 1usize..24), 1..4),
         any::<bool>(),
@@ -230,7 +230,7 @@ impl Scenario {
         if decode {
             // Every decode kernel the device can run for this scenario (Auto picks one of
             // them).
-            for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes] {
+            for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes, DecodeKernel::Coop] {
                 self.run_with(c, Some(kernel));
             }
         } else {
@@ -282,7 +282,7 @@ impl Scenario {
             };
             match c.attention_decode_with(&mut enc, &tq, &batch, &pool, &out, opts) {
                 Ok(()) => {}
-                Err(crate::GpuError::NotAvailable(_)) if kernel == DecodeKernel::Lanes => {
+                Err(crate::GpuError::NotAvailable(_)) if kernel != DecodeKernel::Tiled => {
                     return false;
                 }
                 Err(e) => panic!("decode {kernel:?} {self:?}: {e}"),
@@ -550,4 +550,99 @@ fn fast_decode_kernels_pass_naga_validation() {
     assert!(super::lanes_plan(128, 18, f16, f16, 8, Some((32, 32))).is_ok());
     assert!(super::lanes_plan(128, 4, f16, f16, 8, None).is_err());
     assert!(super::lanes_plan(90, 4, f16, f16, 2, Some((32, 32))).is_err());
+}
+
+/// The tensor-core kernel against the reference on shapes it takes (MQA and wide GQA, head_dim
+/// 16 to 128, block sizes that do and do not hold whole steps of 16 keys, one split and many,
+/// steps cut by the sequence end, and keys whose scores climb so that the lazy max moves and
+/// O is rescaled); on a device without cooperative matrices it must say it is not available.
+#[test]
+fn coop_decode_matches_cpu() {
+    let c = ctx();
+    let cases = [
+        (
+            1usize,
+            32usize,
+            128usize,
+            16usize,
+            vec![(700usize, 1usize), (33, 1)],
+            None,
+        ),
+        (2, 16, 64, 3, vec![(300, 1), (1, 1), (17, 1)], Some(48)),
+        (1, 64, 16, 1, vec![(129, 1)], Some(7)),
+        (2, 48, 32, 16, vec![(250, 1), (64, 1)], Some(100_000)),
+        (1, 32, 128, 16, vec![(2000, 1)], Some(16)),
+    ];
+    for (i, (n_kv_heads, group, hd, block_size, seqs, chunk)) in cases.into_iter().enumerate() {
+        for k_ramp in [false, true] {
+            let s = Scenario {
+                n_kv_heads,
+                group,
+                hd,
+                block_size,
+                seqs: seqs.clone(),
+                f16: true,
+                chunk,
+                pad: 0,
+                seed: 31 + i as u64,
+                k_ramp,
+            };
+            let ran = s.run_with(c, Some(DecodeKernel::Coop));
+            assert_eq!(ran, c.coopmat_f16_available(), "tensor-core decode, {s:?}");
+        }
+    }
+    // What the plan refuses: an f32 pool, a group that is not a multiple of 16, a head_dim
+    // that is not, and unaligned strides.
+    let f16 = crate::ElemStorage::F16;
+    let f32s = crate::ElemStorage::F32;
+    assert!(super::coop_plan(128, 32, f16, f16, 8, true, 48 << 10).is_ok());
+    assert!(super::coop_plan(128, 32, f32s, f32s, 4, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 24, f16, f16, 8, true, 48 << 10).is_err());
+    assert!(super::coop_plan(72, 32, f16, f16, 8, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 4, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, false, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, true, 8 << 10).is_err());
+    assert!(super::coop_plan(256, 32, f16, f16, 8, true, 48 << 10).is_ok());
+}
+
+/// Every tensor-core decode variant passes naga's validation (and translation to SPIR-V)
+/// with every capability, whatever the test device, and declares the workgroup memory the
+/// plan budgets for.
+#[test]
+fn coop_decode_kernels_pass_naga_validation() {
+    use wgpu::naga;
+    let f16 = crate::ElemStorage::F16;
+    for (hd, group) in [
+        (128u32, 32u32),
+        (128, 16),
+        (64, 64),
+        (16, 48),
+        (16, 32),
+        (48, 16),
+        (192, 32),
+    ] {
+        let p = super::coop_plan(hd, group, f16, f16, 8, true, 48 << 10).unwrap();
+        assert_eq!(16 * p.nr * p.row_groups, group, "{p:?}");
+        assert_eq!(p.kpw * p.w, p.kb / 16 * p.nr, "{p:?}: key tiles of a block");
+        assert_eq!(p.dpw * p.w, hd / 16 * p.nr, "{p:?}: output dim tiles");
+        let what = format!("coop decode hd {hd} group {group}");
+        let module =
+            crate::testing::validate_coop(&what, &super::coop_source("v", hd, 16, &p).unwrap());
+        let shared: u32 = module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+            .sum();
+        assert_eq!(
+            shared,
+            super::coop_shared_bytes(hd, p.nr, p.kb),
+            "{what}: workgroup memory"
+        );
+        assert_eq!(
+            module.entry_points[0].workgroup_size,
+            [32 * p.w, 1, 1],
+            "{what}: workgroup size"
+        );
+    }
 }
