@@ -9,11 +9,15 @@
 //!   copy done by a compute shader (16-byte loads on every SM, [`GpuContext::copy_tensor`]).
 //!   The larger of the two is the ceiling for memory-bound kernels: every bandwidth figure is
 //!   printed as a percentage of it (and of the compute copy).
+//! - dispatch_floor: two dependent one-workgroup dispatches repeated in one compute pass, the
+//!   fixed cost of a split + reduce decode call.
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
-//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64; achieved K/V bytes per second,
-//!   for each decode kernel the device runs (tiled, lanes; see `DecodeKernel`); the
-//!   repetitions are recorded into one compute pass, as the decoder records a step.
-//!   Configurations whose K/V region exceeds the adapter's storage-binding limit are skipped.
+//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64 (`--contexts`, `--batches`
+//!   narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
+//!   (tiled, lanes, coop; see `DecodeKernel`), with the split heuristic's keys per split and
+//!   with each of `--chunks N,..`; the repetitions are recorded into one compute pass, as the
+//!   decoder records a step. Configurations whose K/V region exceeds the adapter's
+//!   storage-binding limit are skipped.
 //! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
 //!   card's measured bf16 tensor rate) when given.
@@ -40,7 +44,7 @@
 //! `--device cpu`). The cooperative-matrix row says why when the path is unavailable.
 //!
 //! ```text
-//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] OUT.json
+//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -61,7 +65,23 @@ struct Args {
     device: Option<String>,
     /// Sections to run besides the copy ceiling (None: all).
     only: Option<Vec<String>>,
+    /// Attention shapes instead of the default sweep, and fixed keys per split to time
+    /// besides the heuristic's choice.
+    contexts: Option<Vec<usize>>,
+    batches: Option<Vec<usize>>,
+    chunks: Vec<usize>,
     out: String,
+}
+
+/// A comma-separated list of positive integers.
+fn usize_list(flag: &str, v: Option<String>) -> BenchResult<Vec<usize>> {
+    let v = v.ok_or_else(|| format!("{flag} needs a comma-separated list of numbers"))?;
+    v.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("{flag}: `{x}` is not a positive integer").into()),
+        })
+        .collect()
 }
 
 fn parse_args() -> BenchResult<Args> {
@@ -70,6 +90,7 @@ fn parse_args() -> BenchResult<Args> {
     let mut ref_tflops = None;
     let mut out = None;
     let mut only = None;
+    let (mut contexts, mut batches, mut chunks) = (None, None, Vec::new());
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -81,6 +102,9 @@ fn parse_args() -> BenchResult<Args> {
                     .ok_or("--only needs a list: attn,matmul,matvec,sample")?;
                 only = Some(list.split(',').map(str::to_owned).collect());
             }
+            "--contexts" => contexts = Some(usize_list("--contexts", it.next())?),
+            "--batches" => batches = Some(usize_list("--batches", it.next())?),
+            "--chunks" => chunks = usize_list("--chunks", it.next())?,
             "--ref-tflops" => {
                 ref_tflops = Some(
                     it.next()
@@ -91,7 +115,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -104,7 +128,10 @@ fn parse_args() -> BenchResult<Args> {
         ref_tflops,
         device,
         only,
-        out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] OUT.json")?,
+        contexts,
+        batches,
+        chunks,
+        out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] ... OUT.json (see --help)")?,
     })
 }
 
@@ -310,12 +337,38 @@ fn main() -> BenchResult<()> {
     // 2. Decode attention.
     let hd = 128u32;
     let block_size = 16u32;
-    let contexts: &[usize] = if q {
-        &[64, 256]
-    } else {
-        &[1024, 2048, 4096, 8192, 16384, 32768]
+    let contexts: &[usize] = match &args.contexts {
+        Some(c) => c,
+        None if q => &[64, 256],
+        None => &[1024, 2048, 4096, 8192, 16384, 32768],
     };
-    let batches: &[usize] = if q { &[1, 4] } else { &[1, 4, 16, 64] };
+    let batches: &[usize] = match &args.batches {
+        Some(b) => b,
+        None if q => &[1, 4],
+        None => &[1, 4, 16, 64],
+    };
+    if want("attn") {
+        // The fixed cost of a decode call: two dependent dispatches of one workgroup each (a
+        // split pass and a reduce pass with nothing to do), repeated in one compute pass.
+        let a = ctx.create_tensor(&[64], DType::F32, "floor a")?;
+        let b = ctx.create_tensor(&[64], DType::F32, "floor b")?;
+        let secs = timer.time_in_pass(if q { 2 } else { 20 }, &mut |enc| {
+            ctx.copy_tensor(enc, &a, &b)?;
+            ctx.copy_tensor(enc, &b, &a)
+        })?;
+        eprintln!(
+            "dispatch floor: {:.2} us per pair of dependent dispatches",
+            secs * 1e6
+        );
+        rows.push(Row {
+            kind: "dispatch_floor",
+            params: vec![("dispatches", "2".into())],
+            seconds: secs,
+            bytes_per_s: None,
+            flops: None,
+            note: "two dependent one-workgroup dispatches in one pass: the floor of a split + reduce decode call".into(),
+        });
+    }
     let layouts: &[(&str, u32, u32)] = if want("attn") {
         &[("mqa", 32, 1), ("gqa4", 32, 8)]
     } else {
@@ -379,14 +432,24 @@ fn main() -> BenchResult<()> {
                     layout,
                 };
                 let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
-                for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes] {
-                    let opts = DecodeOptions {
-                        chunk: None,
-                        kernel,
-                    };
+                let runs = [DecodeKernel::Tiled, DecodeKernel::Lanes, DecodeKernel::Coop]
+                    .into_iter()
+                    .flat_map(|k| {
+                        std::iter::once(None)
+                            .chain(args.chunks.iter().map(|&c| Some(c)))
+                            .map(move |c| (k, c))
+                    });
+                for (kernel, chunk) in runs {
+                    let opts = DecodeOptions { chunk, kernel };
                     let mut params = params.clone();
                     params.push(("kernel", format!("{kernel:?}").to_lowercase()));
-                    eprintln!("attn_decode {label} batch {batch} context {context} {kernel:?}");
+                    params.push((
+                        "chunk",
+                        chunk.map_or_else(|| "auto".to_string(), |c| c.to_string()),
+                    ));
+                    eprintln!(
+                        "attn_decode {label} batch {batch} context {context} {kernel:?} chunk {chunk:?}"
+                    );
                     let mut probe = ctx.encoder();
                     if let Err(GpuError::NotAvailable(why)) =
                         ctx.attention_decode_with(&mut probe, &qt, &sb, &pool, &out, opts)
