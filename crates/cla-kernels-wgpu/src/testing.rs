@@ -157,3 +157,13 @@ pub fn validate_coop(what: &str, src: &str) -> wgpu::naga::Module {
     }
     module
 }
+
+/// Bytes of workgroup memory a shader module declares.
+pub fn workgroup_bytes(module: &wgpu::naga::Module) -> u32 {
+    module
+        .global_variables
+        .iter()
+        .filter(|(_, g)| g.space == wgpu::naga::AddressSpace::WorkGroup)
+        .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
+        .sum()
+}

@@ -373,18 +373,16 @@ fn f16_cache_and_f16_weights_stay_close() {
         .forward(&[SequenceStep::all(d, &p)])
         .unwrap()
         .remove(0);
-    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     // The same f16 cache on both sides: equal up to rounding of nearly equal keys.
+    assert_within("f16 cache", &want, &got, 1e-2);
+    assert_within("f16 weights", &want, &half, 5e-2);
+}
+
+/// Asserts that `got` is within `rel` of the largest `want` logit, element by element.
+fn assert_within(what: &str, want: &Array2<f32>, got: &Array2<f32>, rel: f32) {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let diff = max_abs_diff(want.as_slice().unwrap(), got.as_slice().unwrap());
-    assert!(
-        diff < 1e-2 * scale,
-        "f16 cache: {diff} (logits up to {scale})"
-    );
-    let diff = max_abs_diff(want.as_slice().unwrap(), half.as_slice().unwrap());
-    assert!(
-        diff < 5e-2 * scale,
-        "f16 weights: {diff} (logits up to {scale})"
-    );
+    assert!(diff < rel * scale, "{what}: {diff} (logits up to {scale})");
 }
 
 /// A wide MQA group (32 query heads on one K/V head, head_dim 16) over an f16 cache, decoded
@@ -409,12 +407,7 @@ fn wide_mqa_decode_over_an_f16_cache_stays_close() {
             .forward(&[SequenceStep::all(b, &one)])
             .unwrap()
             .remove(0);
-        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let diff = max_abs_diff(want.as_slice().unwrap(), got.as_slice().unwrap());
-        assert!(
-            diff < 1e-2 * scale,
-            "token {i}: {diff} (logits up to {scale})"
-        );
+        assert_within(&format!("token {i}"), &want, &got, 1e-2);
     }
 }
 

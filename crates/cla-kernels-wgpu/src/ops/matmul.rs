@@ -1020,7 +1020,6 @@ mod tests {
     /// size and workgroup memory the wrapper budgets for are what the WGSL declares.
     #[test]
     fn coopmat_kernel_passes_naga_validation() {
-        use wgpu::naga;
         for v in CoopVariant::ALL {
             let name = v.key().name();
             let module = validate_coop(&name, &v.source(&name).unwrap());
@@ -1029,13 +1028,11 @@ mod tests {
                 [v.invocations(), 1, 1],
                 "{name}: workgroup size"
             );
-            let shared: u32 = module
-                .global_variables
-                .iter()
-                .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-                .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
-                .sum();
-            assert_eq!(shared, v.shared_bytes(), "{name}: workgroup memory");
+            assert_eq!(
+                crate::testing::workgroup_bytes(&module),
+                v.shared_bytes(),
+                "{name}: workgroup memory"
+            );
             // Every invocation stages whole chunks of 8 halves of both operands, and the
             // fragments of a K slice are whole 16-deep steps.
             let d = v.design();

@@ -610,7 +610,6 @@ fn coop_decode_matches_cpu() {
 /// plan budgets for.
 #[test]
 fn coop_decode_kernels_pass_naga_validation() {
-    use wgpu::naga;
     let f16 = crate::ElemStorage::F16;
     for (hd, group) in [
         (128u32, 32u32),
@@ -628,14 +627,8 @@ fn coop_decode_kernels_pass_naga_validation() {
         let what = format!("coop decode hd {hd} group {group}");
         let module =
             crate::testing::validate_coop(&what, &super::coop_source("v", hd, 16, &p).unwrap());
-        let shared: u32 = module
-            .global_variables
-            .iter()
-            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
-            .map(|(_, g)| module.types[g.ty].inner.size(module.to_ctx()))
-            .sum();
         assert_eq!(
-            shared,
+            crate::testing::workgroup_bytes(&module),
             super::coop_shared_bytes(hd, p.nr, p.kb),
             "{what}: workgroup memory"
         );
