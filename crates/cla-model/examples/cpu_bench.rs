@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release -p cla-model --example cpu_bench            # the built-in suite
 //! cargo run --release -p cla-model --example cpu_bench -- MODEL_DIR  # a model directory
+//! cargo run --release -p cla-model --example cpu_bench -- --kv f16 [MODEL_DIR]  # f16 cache
 //! ```
 //!
 //! Models of the suite (random weights, seeded):
@@ -11,7 +12,7 @@
 //! - `cla2-38M`: 8 layers, 512 wide, 8 query heads / 2 K/V heads of 64, CLA2, vocab 32000.
 //! - `yoco-38M`: the same, layers 0-3 produce and layers 4-7 all read layer 3's K/V.
 //!
-//! Release build, f32 weights and cache, best of 3 for prefill, decode after a 128- or
+//! Release build, f32 weights, f32 cache unless `--kv f16`, best of 3 for prefill, decode after a 128- or
 //! 256-token prompt. Figures, with the machine and date, are in `BENCHMARKS.md`.
 
 use cla_core::{KvSharing, ModelConfig, SharingPattern};
@@ -20,7 +21,15 @@ use cla_model::{
     CpuDecoder, CpuDecoderOptions, Decoder, ModelWeights, SequenceStep, cache_config_for,
 };
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Instant;
+
+/// The cache dtype of every run (`--kv f16|f32`).
+static KV: OnceLock<KvDType> = OnceLock::new();
+
+fn kv_dtype() -> KvDType {
+    *KV.get().unwrap_or(&KvDType::F32)
+}
 
 fn config(
     hidden: usize,
@@ -65,12 +74,9 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
 /// Prefill seconds of a `len`-token prompt (last-position logits).
 fn prefill_seconds(w: &Arc<ModelWeights>, len: usize, options: CpuDecoderOptions) -> f64 {
     let p = prompt(len, w.config.vocab_size);
-    let mut dec = CpuDecoder::with_options(
-        Arc::clone(w),
-        cache_config_for(len, 1, KvDType::F32),
-        options,
-    )
-    .unwrap();
+    let mut dec =
+        CpuDecoder::with_options(Arc::clone(w), cache_config_for(len, 1, kv_dtype()), options)
+            .unwrap();
     best_of(3, || {
         let seq = dec.add_sequence();
         dec.forward(&[SequenceStep::last(seq, &p)]).unwrap();
@@ -84,7 +90,7 @@ fn decode_rate(w: &Arc<ModelWeights>, batch: usize, context: usize, steps: usize
     let p = prompt(context, w.config.vocab_size);
     let mut dec = CpuDecoder::new(
         Arc::clone(w),
-        cache_config_for(context + steps, batch, KvDType::F32),
+        cache_config_for(context + steps, batch, kv_dtype()),
     )
     .unwrap();
     let seqs: Vec<_> = (0..batch).map(|_| dec.add_sequence()).collect();
@@ -105,10 +111,11 @@ fn decode_rate(w: &Arc<ModelWeights>, batch: usize, context: usize, steps: usize
 fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_context: usize) {
     let params = w.num_parameters();
     println!(
-        "\n{name}: {:.2}M parameters, {} layers, map {}, {} rayon threads",
+        "\n{name}: {:.2}M parameters, {} layers, map {}, {:?} cache, {} rayon threads",
         params as f64 / 1e6,
         w.config.num_layers(),
         w.config.kv_sharing,
+        kv_dtype(),
         rayon::current_num_threads()
     );
     let max = w.config.max_position_embeddings;
@@ -132,7 +139,19 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--kv") {
+        let dtype = match args.get(i + 1).map(String::as_str) {
+            Some("f16") => KvDType::F16,
+            Some("f32") => KvDType::F32,
+            other => {
+                eprintln!("cpu_bench: --kv takes f16 or f32, got {other:?}");
+                std::process::exit(2);
+            }
+        };
+        KV.set(dtype).expect("set once");
+        args.drain(i..i + 2);
+    }
     if let Some(dir) = args.first() {
         let w = match ModelWeights::load(dir) {
             Ok(w) => Arc::new(w),

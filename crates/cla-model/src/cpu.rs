@@ -301,34 +301,43 @@ fn attention(
         .collect();
     let outputs: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(s, head)| {
-            let kv_head = head / group;
-            let span = rows.spans[s].clone();
-            let mut out = vec![0.0f32; span.len() * d];
-            let mut scores = Vec::new();
-            let mut scratch = Vec::new();
-            for (i, r) in span.enumerate() {
-                let pos = rows.pos[r];
-                let qv = &q[r * q_width + head * d..r * q_width + (head + 1) * d];
-                // Scores over positions 0..=pos (the causal mask), block by block.
-                scores.clear();
-                for b in blocks[s].iter().take_while(|b| b.start <= pos) {
-                    let n = b.len.min(pos + 1 - b.start);
-                    let keys = b.keys_of_head(kv_head).expect("head in range");
-                    push_scores(keys, qv, n, scale, &mut scratch, &mut scores);
+        // Each worker reuses one pair of buffers for widened f16 runs.
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |widened, &(s, head)| {
+                let kv_head = head / group;
+                let span = rows.spans[s].clone();
+                let mut out = vec![0.0f32; span.len() * d];
+                // The head's K/V runs as f32, f16 runs widened once for all the span's rows.
+                let last = rows.pos[span.end - 1];
+                widen_f16_runs(&blocks[s], kv_head, last, widened);
+                let widened = &*widened;
+                let runs = || head_runs(&blocks[s], kv_head, last, widened);
+                let mut scores = Vec::new();
+                for (i, r) in span.enumerate() {
+                    let pos = rows.pos[r];
+                    let qv = &q[r * q_width + head * d..r * q_width + (head + 1) * d];
+                    // Scores over positions 0..=pos (the causal mask), run by run.
+                    scores.clear();
+                    for run in runs().take_while(|run| run.start <= pos) {
+                        let n = run.len.min(pos + 1 - run.start);
+                        let keys = &run.keys[..n * d];
+                        scores.extend(keys.chunks_exact(d).map(|k| dot(k, qv) * scale));
+                    }
+                    softmax_in_place(&mut scores);
+                    let o = &mut out[i * d..(i + 1) * d];
+                    let mut p = scores.as_slice();
+                    for run in runs().take_while(|run| run.start <= pos) {
+                        let n = run.len.min(pos + 1 - run.start);
+                        for (v, &w) in run.values.chunks_exact(d).zip(&p[..n]) {
+                            o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
+                        }
+                        p = &p[n..];
+                    }
                 }
-                softmax_in_place(&mut scores);
-                let o = &mut out[i * d..(i + 1) * d];
-                let mut p = scores.as_slice();
-                for b in blocks[s].iter().take_while(|b| b.start <= pos) {
-                    let n = b.len.min(pos + 1 - b.start);
-                    let values = b.values_of_head(kv_head).expect("head in range");
-                    accumulate_values(values, &p[..n], &mut scratch, o);
-                    p = &p[n..];
-                }
-            }
-            out
-        })
+                out
+            },
+        )
         .collect();
     let mut a = Array2::<f32>::zeros((rows.len(), q_width));
     for (&(s, head), out) in tasks.iter().zip(&outputs) {
@@ -342,41 +351,71 @@ fn attention(
     Ok(a)
 }
 
-/// Appends `scale * (q . k_t)` for the first `n` keys of a `[token][dim]` run. f16 keys
-/// are widened into `scratch` first.
-fn push_scores(
-    keys: KvSlice<'_>,
-    q: &[f32],
-    n: usize,
-    scale: f32,
-    scratch: &mut Vec<f32>,
-    scores: &mut Vec<f32>,
+/// One block's valid keys and values of one K/V head as f32 `[token][dim]` runs.
+struct HeadRun<'a> {
+    /// Position of the run's first token.
+    start: usize,
+    len: usize,
+    keys: &'a [f32],
+    values: &'a [f32],
+}
+
+/// Widens the f16 runs of `kv_head` in the blocks that hold positions `0..=last` into the
+/// front of `widened` (keys, values; grown when too short, never cleared, so that a reused
+/// buffer is not zeroed again), in block order, so that the query rows of a step share one
+/// conversion. Does nothing for an f32 cache.
+fn widen_f16_runs(
+    blocks: &[KvBlock<'_>],
+    kv_head: usize,
+    last: usize,
+    widened: &mut (Vec<f32>, Vec<f32>),
 ) {
-    let d = q.len();
-    let keys = as_f32(keys, n * d, scratch);
-    scores.extend(keys[..n * d].chunks_exact(d).map(|k| dot(k, q) * scale));
-}
-
-/// `out += sum_t p[t] * v_t` over the first `p.len()` values of a `[token][dim]` run.
-fn accumulate_values(values: KvSlice<'_>, p: &[f32], scratch: &mut Vec<f32>, out: &mut [f32]) {
-    let d = out.len();
-    let values = as_f32(values, p.len() * d, scratch);
-    for (v, &w) in values.chunks_exact(d).zip(p) {
-        out.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-    }
-}
-
-/// The first `len` elements of a cached run as f32: borrowed when stored as f32, widened
-/// into `scratch` when stored as f16.
-fn as_f32<'a>(run: KvSlice<'a>, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
-    match run {
-        KvSlice::F32(s) => &s[..len],
-        KvSlice::F16(s) => {
-            scratch.resize(len, 0.0);
-            s[..len].convert_to_f32_slice(scratch);
-            scratch
+    let mut at = 0;
+    for b in blocks.iter().take_while(|b| b.start <= last) {
+        let k = b.keys_of_head(kv_head).expect("head in range");
+        let v = b.values_of_head(kv_head).expect("head in range");
+        if let (KvSlice::F16(k), KvSlice::F16(v)) = (k, v) {
+            let end = at + k.len();
+            if widened.0.len() < end {
+                widened.0.resize(end, 0.0);
+                widened.1.resize(end, 0.0);
+            }
+            k.convert_to_f32_slice(&mut widened.0[at..end]);
+            v.convert_to_f32_slice(&mut widened.1[at..end]);
+            at = end;
         }
     }
+}
+
+/// The runs of `kv_head` in the blocks that hold positions `0..=last`, block by block:
+/// borrowed from an f32 cache, or the blocks' parts of `widened` (filled by
+/// [`widen_f16_runs`] with the same `last`) for an f16 cache.
+fn head_runs<'b>(
+    blocks: &'b [KvBlock<'b>],
+    kv_head: usize,
+    last: usize,
+    widened: &'b (Vec<f32>, Vec<f32>),
+) -> impl Iterator<Item = HeadRun<'b>> + 'b {
+    let visible = blocks.iter().take_while(move |b| b.start <= last);
+    visible.scan(0usize, move |at, b| {
+        let k = b.keys_of_head(kv_head).expect("head in range");
+        let v = b.values_of_head(kv_head).expect("head in range");
+        let (keys, values) = match (k, v) {
+            (KvSlice::F32(k), KvSlice::F32(v)) => (k, v),
+            (KvSlice::F16(k), KvSlice::F16(_)) => {
+                let range = *at..*at + k.len();
+                *at = range.end;
+                (&widened.0[range.clone()], &widened.1[range])
+            }
+            _ => unreachable!("a cache stores its keys and values in one dtype"),
+        };
+        Some(HeadRun {
+            start: b.start,
+            len: b.len,
+            keys,
+            values,
+        })
+    })
 }
 
 /// `a . b` with eight independent partial sums, so that the compiler can use SIMD lanes
