@@ -89,6 +89,8 @@ struct EvalReport {
     stride: usize,
     seconds: f64,
     tokens_per_second: f64,
+    /// Ctrl-C stopped the evaluation: the figures cover the windows scored before it.
+    interrupted: bool,
 }
 
 /// Runs `cla eval`.
@@ -170,7 +172,8 @@ pub fn run(args: &EvalArgs) -> CliResult {
         bar.finish_and_clear();
     }
     let report = match result {
-        Ok(r) if r.stopped => return Err(CliError::Interrupted),
+        // Interrupted before anything was scored: nothing to report.
+        Ok(r) if r.stopped && r.tokens_scored == 0 => return Err(CliError::Interrupted),
         Ok(r) => r,
         Err(ModelError::InvalidArgument { name, message }) => {
             return Err(CliError::user(format!("--{name}: {message}")));
@@ -196,6 +199,7 @@ pub fn run(args: &EvalArgs) -> CliResult {
         } else {
             0.0
         },
+        interrupted: report.stopped,
     };
     let text = if args.json {
         let mut s = serde_json::to_string_pretty(&out)
@@ -204,8 +208,13 @@ pub fn run(args: &EvalArgs) -> CliResult {
         s
     } else {
         format!(
-            "perplexity {:.4} (mean NLL {:.5} nats/token)\n  {} of {} tokens scored in {} \
+            "{}perplexity {:.4} (mean NLL {:.5} nats/token)\n  {} of {} tokens scored in {} \
              windows of {} (stride {})\n  {:.2}s, {:.0} tokens/s on {}\n",
+            if out.interrupted {
+                "interrupted, over the windows scored so far: "
+            } else {
+                ""
+            },
             out.ppl,
             out.mean_nll,
             out.tokens_scored,
@@ -218,5 +227,9 @@ pub fn run(args: &EvalArgs) -> CliResult {
             out.device
         )
     };
-    failure::print(&text)
+    failure::print(&text)?;
+    if out.interrupted {
+        return Err(CliError::Interrupted);
+    }
+    Ok(())
 }
