@@ -180,12 +180,7 @@ impl<S: KvStorage> PagedKvCache<S> {
                 ),
             });
         }
-        if *storage.layout() != layout {
-            return Err(KvError::LayoutMismatch {
-                expected: layout.to_string(),
-                found: storage.layout().to_string(),
-            });
-        }
+        check_layout(&layout, &storage)?;
         Ok(Self {
             shape,
             config,
@@ -223,8 +218,9 @@ impl<S: KvStorage> PagedKvCache<S> {
     }
 
     /// The storage, for a writer that stores reserved rows itself and then calls
-    /// [`Self::mark_written`]. The storage must keep its layout: the cache checks it only
-    /// when it is built.
+    /// [`Self::mark_written`]. The storage must keep its layout: a storage replaced through
+    /// this reference by one of another layout makes `mark_written` fail with
+    /// [`KvError::LayoutMismatch`].
     pub fn storage_mut(&mut self) -> &mut S {
         &mut self.storage
     }
@@ -468,6 +464,7 @@ impl<S: KvStorage> PagedKvCache<S> {
         layer: usize,
         positions: Range<usize>,
     ) -> Result<()> {
+        check_layout(&self.layout, &self.storage)?;
         let s = self.seq(seq)?;
         let slot = self.producer_slot(layer)?;
         let n = s.pending.as_ref().ok_or(KvError::NoReservation(seq))?.n;
@@ -786,6 +783,18 @@ impl<'a> Iterator for KvBlocks<'a> {
 
 impl ExactSizeIterator for KvBlocks<'_> {}
 
+/// The storage's layout must be the cache's (a storage built for another shape or config, or
+/// one swapped in through [`PagedKvCache::storage_mut`], would put rows elsewhere).
+fn check_layout<S: KvStorage>(layout: &KvLayout, storage: &S) -> Result<()> {
+    if storage.layout() != layout {
+        return Err(KvError::LayoutMismatch {
+            expected: layout.to_string(),
+            found: storage.layout().to_string(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -838,6 +847,20 @@ mod tests {
         }
         assert_eq!(cache.read(s, 3).unwrap().1, vec![4.0; 6]);
         assert_eq!(cache.blocks(s, 3).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_storage_swapped_for_another_layout_is_refused() {
+        let config = KvCacheConfig::new(4, KvDType::F32).with_block_size(2);
+        let mut cache = PagedKvCache::new(shape(), config).unwrap();
+        let s = cache.add_sequence();
+        let r = cache.reserve(s, 1).unwrap();
+        let other = KvLayout::new(&shape(), &config.with_block_size(4)).unwrap();
+        *cache.storage_mut() = CpuKvStorage::new(other);
+        assert!(matches!(
+            cache.mark_written(s, 0, r),
+            Err(KvError::LayoutMismatch { .. })
+        ));
     }
 
     #[test]
