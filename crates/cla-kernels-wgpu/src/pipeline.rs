@@ -375,14 +375,17 @@ impl GpuContext {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return;
         }
+        let record = |pass: &mut wgpu::ComputePass<'_>, bg: &wgpu::BindGroup| {
+            pass.set_pipeline(&kernel.pipeline);
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        };
         // Inside a `batch_passes` scope on this encoder: the scope's pass (and bind groups).
         if let Ok(mut open_passes) = self.open_pass.lock()
             && let Some(open) = open_passes.get_mut(&encoder_key(encoder))
         {
             let bg = self.bind_group(kernel, resources, open.bind_groups.as_deref());
-            open.pass.set_pipeline(&kernel.pipeline);
-            open.pass.set_bind_group(0, &bg, &[]);
-            open.pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+            record(&mut open.pass, &bg);
             return;
         }
         let bg = self.bind_group(kernel, resources, None);
@@ -390,9 +393,7 @@ impl GpuContext {
             label: None,
             timestamp_writes: None,
         });
-        pass.set_pipeline(&kernel.pipeline);
-        pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        record(&mut pass, &bg);
     }
 
     /// The bind group of `kernel` with `resources`, from `cache` when the same buffer ranges

@@ -58,6 +58,36 @@ fn row_offset(pos: u32, bt0: u32, kvh: u32) -> u32 {
     return blk * p.block_stride + kvh * p.head_stride + (pos % BS) * p.token_stride;
 }
 
+// A lane's dims of the K and V rows of T keys.
+alias Rows = array<KRaw, T * NV>;
+
+// Loads this lane's dims of the K and V rows of keys `first + t NG` (t < T) of lane group
+// `grp`; rows at or past `hi` keep what they held (finite, and masked by the caller).
+fn load_rows(
+    kr: ptr<function, Rows>,
+    vr: ptr<function, Rows>,
+    first: u32,
+    hi: u32,
+    bt0: u32,
+    kvh: u32,
+    grp: u32,
+    d0: u32,
+    in_head: bool,
+) {
+    for (var t = 0u; t < T; t++) {
+        let key = first + t * NG + grp;
+        if (key < hi && in_head) {
+            let off = row_offset(key, bt0, kvh) + d0;
+            for (var n = 0u; n < NV; n++) {
+                if (d0 + n * VW < HD) {
+                    (*kr)[t * NV + n] = k_ld(p.k_base + off + n * VW);
+                    (*vr)[t * NV + n] = v_ld(p.v_base + off + n * VW);
+                }
+            }
+        }
+    }
+}
+
 // Folds state (mo, lo, acc_o) into (m, l, acc) for query row g.
 fn merge_scale(m: f32, mo: f32) -> vec3<f32> {
     let mn = max(m, mo);
@@ -114,39 +144,16 @@ fn main(
 
     // Loads of T keys' K and V rows (this lane's dims): the first iteration's here, each next
     // one's at the top of the loop, before the math on the current one.
-    var kr: array<KRaw, T * NV>;
-    var vr: array<KRaw, T * NV>;
-    for (var t = 0u; t < T; t++) {
-        let key = lo + t * NG + grp;
-        if (key < hi && in_head) {
-            let off = row_offset(key, bt0, kvh) + d0;
-            for (var n = 0u; n < NV; n++) {
-                if (d0 + n * VW < HD) {
-                    kr[t * NV + n] = k_ld(p.k_base + off + n * VW);
-                    vr[t * NV + n] = v_ld(p.v_base + off + n * VW);
-                }
-            }
-        }
-    }
+    var kr: Rows;
+    var vr: Rows;
+    load_rows(&kr, &vr, lo, hi, bt0, kvh, grp, d0, in_head);
 
     for (var base = lo; base < hi; base += NG * T) {
         // 1. This iteration's rows; the next iteration's loads in flight. (Rows past the end
         // keep stale values from earlier keys: finite, and masked below.)
         let kc = kr;
         let vc = vr;
-        let nb = base + NG * T;
-        for (var t = 0u; t < T; t++) {
-            let key = nb + t * NG + grp;
-            if (key < hi && in_head) {
-                let off = row_offset(key, bt0, kvh) + d0;
-                for (var n = 0u; n < NV; n++) {
-                    if (d0 + n * VW < HD) {
-                        kr[t * NV + n] = k_ld(p.k_base + off + n * VW);
-                        vr[t * NV + n] = v_ld(p.v_base + off + n * VW);
-                    }
-                }
-            }
-        }
+        load_rows(&kr, &vr, base + NG * T, hi, bt0, kvh, grp, d0, in_head);
         // 2. Scores: partial dots over this lane's dims, then summed over the lane group.
         var s: array<f32, T * G>;
         for (var t = 0u; t < T; t++) {
