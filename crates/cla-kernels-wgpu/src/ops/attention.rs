@@ -317,9 +317,9 @@ pub enum DecodeKernel {
     /// multiples of one 16-byte load.
     Lanes,
     /// Tensor cores (`shaders/attn_decode_coop.wgsl`): needs 16x16x16 f16 -> f32 cooperative
-    /// matrices in subgroups of 32 ([`GpuContext::coopmat_f16_available`]), an f16 pool, a
-    /// group that is a multiple of 16 query heads per K/V head, and head_dim, strides and
-    /// bases that are multiples of 16, 8, 8 elements.
+    /// matrices in subgroups of 32 ([`GpuContext::coopmat_f16_available`]) and subgroup
+    /// operations, an f16 pool, a group that is a multiple of 16 query heads per K/V head,
+    /// and head_dim, strides and bases that are multiples of 16, 8, 8 elements.
     Coop,
 }
 
@@ -489,7 +489,9 @@ fn coop_shared_bytes(hd: u32, nr: u32, kb: u32) -> u32 {
     2 * (hd / 16) * (kb.max(rt) * 24 + 8) + 4 * rt * (kb + 4) + 2 * rt * (kb + 8) + 32
 }
 
-/// The tensor-core plan, or why it does not apply. `ch` as in [`lanes_plan`].
+/// The tensor-core plan, or why it does not apply. `ch` as in [`lanes_plan`]; `available`:
+/// [`GpuContext::coopmat_f16_available`]; `subgroup`: subgroup operations (the softmax's row
+/// maxima are shuffles).
 fn coop_plan(
     hd: u32,
     group: u32,
@@ -497,12 +499,20 @@ fn coop_plan(
     sv: ElemStorage,
     ch: u32,
     available: bool,
+    subgroup: bool,
     max_shared: u32,
 ) -> std::result::Result<CoopPlan, String> {
     if !available {
         return Err(
-            "the tensor-core kernel needs 16x16x16 f16 cooperative matrices in subgroups \
-                    of 32 (or was switched off with CLA_GPU_DISABLE=coopmat)"
+            "the tensor-core kernel needs 16x16x16 f16 cooperative matrices in subgroups of 32 \
+             (or was switched off with CLA_GPU_DISABLE=coopmat)"
+                .into(),
+        );
+    }
+    if !subgroup {
+        return Err(
+            "the tensor-core kernel needs subgroup operations (or they were switched off with \
+             CLA_GPU_DISABLE=subgroup)"
                 .into(),
         );
     }
@@ -892,6 +902,7 @@ impl GpuContext {
             c.sv,
             ch,
             self.coopmat_f16_available(),
+            f.subgroup,
             f.max_workgroup_storage,
         )
         .map(DecodeChoice::Coop);

@@ -588,21 +588,24 @@ fn coop_decode_matches_cpu() {
                 k_ramp,
             };
             let ran = s.run_with(c, Some(DecodeKernel::Coop));
-            assert_eq!(ran, c.coopmat_f16_available(), "tensor-core decode, {s:?}");
+            let can = c.coopmat_f16_available() && c.features().subgroup;
+            assert_eq!(ran, can, "tensor-core decode, {s:?}");
         }
     }
     // What the plan refuses: an f32 pool, a group that is not a multiple of 16, a head_dim
-    // that is not, and unaligned strides.
+    // that is not, unaligned strides, no cooperative matrices, no subgroups, too little
+    // workgroup memory; head_dim 256 fits.
     let f16 = crate::ElemStorage::F16;
     let f32s = crate::ElemStorage::F32;
-    assert!(super::coop_plan(128, 32, f16, f16, 8, true, 48 << 10).is_ok());
-    assert!(super::coop_plan(128, 32, f32s, f32s, 4, true, 48 << 10).is_err());
-    assert!(super::coop_plan(128, 24, f16, f16, 8, true, 48 << 10).is_err());
-    assert!(super::coop_plan(72, 32, f16, f16, 8, true, 48 << 10).is_err());
-    assert!(super::coop_plan(128, 32, f16, f16, 4, true, 48 << 10).is_err());
-    assert!(super::coop_plan(128, 32, f16, f16, 8, false, 48 << 10).is_err());
-    assert!(super::coop_plan(128, 32, f16, f16, 8, true, 8 << 10).is_err());
-    assert!(super::coop_plan(256, 32, f16, f16, 8, true, 48 << 10).is_ok());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, true, true, 48 << 10).is_ok());
+    assert!(super::coop_plan(128, 32, f32s, f32s, 4, true, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 24, f16, f16, 8, true, true, 48 << 10).is_err());
+    assert!(super::coop_plan(72, 32, f16, f16, 8, true, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 4, true, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, false, true, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, true, false, 48 << 10).is_err());
+    assert!(super::coop_plan(128, 32, f16, f16, 8, true, true, 8 << 10).is_err());
+    assert!(super::coop_plan(256, 32, f16, f16, 8, true, true, 48 << 10).is_ok());
 }
 
 /// Every tensor-core decode variant passes naga's validation (and translation to SPIR-V)
@@ -620,7 +623,7 @@ fn coop_decode_kernels_pass_naga_validation() {
         (48, 16),
         (192, 32),
     ] {
-        let p = super::coop_plan(hd, group, f16, f16, 8, true, 48 << 10).unwrap();
+        let p = super::coop_plan(hd, group, f16, f16, 8, true, true, 48 << 10).unwrap();
         assert_eq!(16 * p.nr * p.row_groups, group, "{p:?}");
         assert_eq!(p.kpw * p.w, p.kb / 16 * p.nr, "{p:?}: key tiles of a block");
         assert_eq!(p.dpw * p.w, hd / 16 * p.nr, "{p:?}: output dim tiles");
