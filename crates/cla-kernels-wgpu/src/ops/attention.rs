@@ -492,6 +492,7 @@ fn coop_shared_bytes(hd: u32, nr: u32, kb: u32) -> u32 {
 /// The tensor-core plan, or why it does not apply. `ch` as in [`lanes_plan`]; `available`:
 /// [`GpuContext::coopmat_f16_available`]; `subgroup`: subgroup operations (the softmax's row
 /// maxima are shuffles).
+#[allow(clippy::too_many_arguments)]
 fn coop_plan(
     hd: u32,
     group: u32,
