@@ -44,7 +44,8 @@ const DECODE_TARGET_WORKGROUPS: usize = 1024;
 /// Fewest keys per decode split: each split pays a Q load and a partial-result write.
 const DECODE_MIN_CHUNK: usize = 64;
 /// Workgroups a tensor-core decode dispatch aims for: on the H200 (MQA, head_dim 128) about
-/// 512 beat 1024 by 10-20% at batch 16-64 (longer splits, fewer partial rows to reduce).
+/// 512 beat 1024 by 10-20% at batch 16-64 (longer splits, fewer partial rows to reduce; swept
+/// with an intermediate version of the kernel, not re-swept since).
 const COOP_TARGET_WORKGROUPS: usize = 512;
 /// Fewest keys per split of the tensor-core kernel.
 const COOP_MIN_CHUNK: usize = 256;
@@ -477,8 +478,8 @@ struct CoopPlan {
 }
 
 /// Keys per block of the tensor-core kernel (a multiple of 16). Measured on the H200 for MQA
-/// (32 query heads per K/V head, head_dim 128): blocks of 16 keys ran 1.6-3.1x faster than
-/// blocks of 64 (32 in between): the smaller workgroup memory lets more workgroups share an SM.
+/// (32 query heads per K/V head, head_dim 128) against blocks of 64: about 2x faster at batch
+/// 16-64, about 20% slower at batch 1-4.
 const COOP_BLOCK: u32 = 16;
 
 /// Workgroup memory of the tensor-core kernel: one block of K or V (or the query rows) as
