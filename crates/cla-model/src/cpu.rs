@@ -360,6 +360,13 @@ struct HeadRun<'a> {
     values: &'a [f32],
 }
 
+/// A block's valid keys and values of `kv_head`, as stored.
+fn head_slices<'a>(b: &KvBlock<'a>, kv_head: usize) -> (KvSlice<'a>, KvSlice<'a>) {
+    let k = b.keys_of_head(kv_head).expect("head in range");
+    let v = b.values_of_head(kv_head).expect("head in range");
+    (k, v)
+}
+
 /// Widens the f16 runs of `kv_head` in the blocks that hold positions `0..=last` into the
 /// front of `widened` (keys, values; grown when too short, never cleared, so that a reused
 /// buffer is not zeroed again), in block order, so that the query rows of a step share one
@@ -372,9 +379,7 @@ fn widen_f16_runs(
 ) {
     let mut at = 0;
     for b in blocks.iter().take_while(|b| b.start <= last) {
-        let k = b.keys_of_head(kv_head).expect("head in range");
-        let v = b.values_of_head(kv_head).expect("head in range");
-        if let (KvSlice::F16(k), KvSlice::F16(v)) = (k, v) {
+        if let (KvSlice::F16(k), KvSlice::F16(v)) = head_slices(b, kv_head) {
             let end = at + k.len();
             if widened.0.len() < end {
                 widened.0.resize(end, 0.0);
@@ -398,9 +403,7 @@ fn head_runs<'b>(
 ) -> impl Iterator<Item = HeadRun<'b>> + 'b {
     let visible = blocks.iter().take_while(move |b| b.start <= last);
     visible.scan(0usize, move |at, b| {
-        let k = b.keys_of_head(kv_head).expect("head in range");
-        let v = b.values_of_head(kv_head).expect("head in range");
-        let (keys, values) = match (k, v) {
+        let (keys, values) = match head_slices(b, kv_head) {
             (KvSlice::F32(k), KvSlice::F32(v)) => (k, v),
             (KvSlice::F16(k), KvSlice::F16(_)) => {
                 let range = *at..*at + k.len();
