@@ -612,6 +612,18 @@ impl Drop for PassBatch<'_> {
 mod tests {
     use crate::testing::{both_ctx, values};
 
+    /// Asserts `got == x + times * y` element by element (relative 1e-5, absolute near 0).
+    fn assert_added(got: &[f32], x: &[f32], y: &[f32], times: f32) {
+        assert_eq!(got.len(), x.len(), "length");
+        for (i, ((g, x), y)) in got.iter().zip(x).zip(y).enumerate() {
+            let want = x + times * y;
+            assert!(
+                (g - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{i}: {g} vs {want}"
+            );
+        }
+    }
+
     /// Dependent dispatches in one batched pass see each other's writes (x += y five times),
     /// scopes on two encoders are open at once, the first guard's drop leaves the second
     /// scope's pass alone, and a moved encoder stays in its scope.
@@ -646,17 +658,8 @@ mod tests {
             c.submit_and_wait(enc).unwrap();
             c.submit_and_wait(enc2).unwrap();
 
-            let got = c.read_f32(&x).unwrap();
-            let got2 = c.read_f32(&x2).unwrap();
-            for i in 0..n {
-                let want = xv[i] + 5.0 * yv[i];
-                assert!((got[i] - want).abs() <= 1e-5 * want.abs().max(1.0), "{i}");
-                let want2 = xv[i] + 4.0 * yv[i];
-                assert!(
-                    (got2[i] - want2).abs() <= 1e-5 * want2.abs().max(1.0),
-                    "{i}"
-                );
-            }
+            assert_added(&c.read_f32(&x).unwrap(), &xv, &yv, 5.0);
+            assert_added(&c.read_f32(&x2).unwrap(), &xv, &yv, 4.0);
         }
     }
 
@@ -683,11 +686,7 @@ mod tests {
             assert!(after_one >= 1);
             step(&x);
             assert_eq!(cache.len(), after_one, "same buffers, same bind groups");
-            let got = c.read_f32(&x).unwrap();
-            for i in 0..n {
-                let want = xv[i] + 4.0 * yv[i];
-                assert!((got[i] - want).abs() <= 1e-5 * want.abs().max(1.0), "{i}");
-            }
+            assert_added(&c.read_f32(&x).unwrap(), &xv, &yv, 4.0);
             let other = c.upload_f32(&xv, &[n]).unwrap();
             step(&other);
             assert!(cache.len() > after_one, "a new buffer is a new entry");
