@@ -468,8 +468,6 @@ fn lanes_source(name: &str, hd: u32, block_size: u32, f32s: bool, p: &LanesPlan)
 /// subgroup the key tiles of a block it scores and the output dim tiles it accumulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CoopPlan {
-    /// Keys per block.
-    kb: u32,
     nr: u32,
     row_groups: u32,
     w: u32,
@@ -485,8 +483,8 @@ const COOP_BLOCK: u32 = 16;
 /// Workgroup memory of the tensor-core kernel: one block of K or V (or the query rows) as
 /// 16-wide tiles of 24-half rows (f16, tiles padded by 8 halves), S and P for the block (f32
 /// and f16 rows padded by 16 bytes), and eight words of bounds and flag.
-fn coop_shared_bytes(hd: u32, nr: u32, kb: u32) -> u32 {
-    let rt = 16 * nr;
+fn coop_shared_bytes(hd: u32, nr: u32) -> u32 {
+    let (rt, kb) = (16 * nr, COOP_BLOCK);
     2 * (hd / 16) * (kb.max(rt) * 24 + 8) + 4 * rt * (kb + 4) + 2 * rt * (kb + 8) + 32
 }
 
@@ -533,13 +531,12 @@ fn coop_plan(
              that are multiples of 8 elements"
         ));
     }
-    let kb = COOP_BLOCK;
     // Two row tiles (32 query heads) per workgroup where they fit, else one.
     let mut nr = if group.is_multiple_of(32) { 2 } else { 1 };
-    if coop_shared_bytes(hd, nr, kb) > max_shared {
+    if coop_shared_bytes(hd, nr) > max_shared {
         nr = 1;
     }
-    let need = coop_shared_bytes(hd, nr, kb);
+    let need = coop_shared_bytes(hd, nr);
     if need > max_shared {
         return Err(format!(
             "the tensor-core kernel with head_dim {hd} needs {need} bytes of workgroup memory, \
@@ -551,15 +548,16 @@ fn coop_plan(
     let w = [4u32, 2, 1]
         .into_iter()
         .find(|&w| {
-            w.is_multiple_of(nr) && (nd * nr).is_multiple_of(w) && (kb / 16 * nr).is_multiple_of(w)
+            w.is_multiple_of(nr)
+                && (nd * nr).is_multiple_of(w)
+                && (COOP_BLOCK / 16 * nr).is_multiple_of(w)
         })
         .unwrap_or(nr);
     Ok(CoopPlan {
-        kb,
         nr,
         row_groups: group / (16 * nr),
         w,
-        kpw: kb / 16 * nr / w,
+        kpw: COOP_BLOCK / 16 * nr / w,
         dpw: nd * nr / w,
     })
 }
@@ -597,7 +595,7 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
             "        {{\n            let sv = s{c};\n            let at = rt * 16u * SS + (kt0 + {c}u) * 16u;\n            coopStoreT(sv, &ss[at], SS);\n        }}"
         );
     }
-    for c in 0..p.kb / 16 {
+    for c in 0..COOP_BLOCK / 16 {
         let _ = writeln!(
             &mut pv,
             "        {{\n            let pa = coopLoadT<FragA>(&ps[rt * 16u * PS + {}u], PS);",
@@ -626,7 +624,7 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
         COOP_SRC,
         &[
             ("HD", hd.to_string()),
-            ("KB", p.kb.to_string()),
+            ("KB", COOP_BLOCK.to_string()),
             ("NR", p.nr.to_string()),
             ("W", p.w.to_string()),
             ("KPW", p.kpw.to_string()),
@@ -990,7 +988,7 @@ impl GpuContext {
             ),
             DecodeChoice::Coop(p) => (
                 p.row_groups,
-                p.kb as usize,
+                COOP_BLOCK as usize,
                 COOP_MIN_CHUNK,
                 COOP_TARGET_WORKGROUPS,
             ),
@@ -1159,13 +1157,7 @@ impl GpuContext {
                 let key = PipelineKey {
                     kernel: "attn_decode_coop",
                     elems: vec![ElemStorage::F16Packed],
-                    params: vec![
-                        ("hd", hd),
-                        ("kb", p.kb),
-                        ("nr", p.nr),
-                        ("w", p.w),
-                        ("bs", block_size),
-                    ],
+                    params: vec![("hd", hd), ("nr", p.nr), ("w", p.w), ("bs", block_size)],
                 };
                 self.kernel(key, &binds, |name| coop_source(name, hd, block_size, &p))
             }

@@ -625,14 +625,18 @@ fn coop_decode_kernels_pass_naga_validation() {
     ] {
         let p = super::coop_plan(hd, group, f16, f16, 8, true, true, 48 << 10).unwrap();
         assert_eq!(16 * p.nr * p.row_groups, group, "{p:?}");
-        assert_eq!(p.kpw * p.w, p.kb / 16 * p.nr, "{p:?}: key tiles of a block");
+        assert_eq!(
+            p.kpw * p.w,
+            super::COOP_BLOCK / 16 * p.nr,
+            "{p:?}: key tiles of a block"
+        );
         assert_eq!(p.dpw * p.w, hd / 16 * p.nr, "{p:?}: output dim tiles");
         let what = format!("coop decode hd {hd} group {group}");
         let module =
             crate::testing::validate_coop(&what, &super::coop_source("v", hd, 16, &p).unwrap());
         assert_eq!(
             crate::testing::workgroup_bytes(&module),
-            super::coop_shared_bytes(hd, p.nr, p.kb),
+            super::coop_shared_bytes(hd, p.nr),
             "{what}: workgroup memory"
         );
         assert_eq!(
