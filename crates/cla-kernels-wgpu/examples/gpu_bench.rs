@@ -44,7 +44,9 @@
 //! `--device cpu`). The cooperative-matrix row says why when the path is unavailable.
 //!
 //! ```text
-//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] OUT.json
+//! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X]
+//!     [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..]
+//!     [--layouts mqa,gqa4] [--kernels tiled,lanes,coop] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -70,7 +72,25 @@ struct Args {
     contexts: Option<Vec<usize>>,
     batches: Option<Vec<usize>>,
     chunks: Vec<usize>,
+    /// Attention layouts (mqa, gqa4) and decode kernels (tiled, lanes, coop) to time (None: all).
+    layouts: Option<Vec<String>>,
+    kernels: Option<Vec<String>>,
     out: String,
+}
+
+/// A comma-separated list of names, each one of `allowed`.
+fn name_list(flag: &str, v: Option<String>, allowed: &[&str]) -> BenchResult<Vec<String>> {
+    let v = v.ok_or_else(|| format!("{flag} needs a list of: {}", allowed.join(",")))?;
+    v.split(',')
+        .map(|x| {
+            let x = x.trim();
+            if allowed.contains(&x) {
+                Ok(x.to_owned())
+            } else {
+                Err(format!("{flag}: `{x}` is not one of {}", allowed.join(",")).into())
+            }
+        })
+        .collect()
 }
 
 /// A comma-separated list of positive integers.
@@ -90,6 +110,7 @@ fn parse_args() -> BenchResult<Args> {
     let mut ref_tflops = None;
     let mut out = None;
     let mut only = None;
+    let (mut layouts, mut kernels) = (None, None);
     let (mut contexts, mut batches, mut chunks) = (None, None, Vec::new());
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -97,10 +118,19 @@ fn parse_args() -> BenchResult<Args> {
             "--quick" => quick = true,
             "--device" => device = Some(it.next().ok_or("--device needs a value")?),
             "--only" => {
-                let list = it
-                    .next()
-                    .ok_or("--only needs a list: attn,matmul,matvec,sample")?;
-                only = Some(list.split(',').map(str::to_owned).collect());
+                only = Some(name_list(
+                    "--only",
+                    it.next(),
+                    &["attn", "matmul", "matvec", "sample"],
+                )?)
+            }
+            "--layouts" => layouts = Some(name_list("--layouts", it.next(), &["mqa", "gqa4"])?),
+            "--kernels" => {
+                kernels = Some(name_list(
+                    "--kernels",
+                    it.next(),
+                    &["tiled", "lanes", "coop"],
+                )?)
             }
             "--contexts" => contexts = Some(usize_list("--contexts", it.next())?),
             "--batches" => batches = Some(usize_list("--batches", it.next())?),
@@ -115,7 +145,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,gqa4] [--kernels tiled,lanes,coop] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -131,6 +161,8 @@ fn parse_args() -> BenchResult<Args> {
         contexts,
         batches,
         chunks,
+        layouts,
+        kernels,
         out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] ... OUT.json (see --help)")?,
     })
 }
@@ -369,12 +401,13 @@ fn main() -> BenchResult<()> {
             note: "two dependent one-workgroup dispatches in one pass: the floor of a split + reduce decode call".into(),
         });
     }
-    let layouts: &[(&str, u32, u32)] = if want("attn") {
-        &[("mqa", 32, 1), ("gqa4", 32, 8)]
-    } else {
-        &[]
+    let picked = |list: &Option<Vec<String>>, name: &str| {
+        list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
     };
-    for &(label, n_q_heads, n_kv_heads) in layouts {
+    let layouts = [("mqa", 32u32, 1u32), ("gqa4", 32, 8)]
+        .into_iter()
+        .filter(|(label, ..)| want("attn") && picked(&args.layouts, label));
+    for (label, n_q_heads, n_kv_heads) in layouts {
         for &batch in batches {
             for &context in contexts {
                 let blocks_per_seq = context.div_ceil(block_size as usize);
@@ -434,6 +467,7 @@ fn main() -> BenchResult<()> {
                 let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
                 let runs = [DecodeKernel::Tiled, DecodeKernel::Lanes, DecodeKernel::Coop]
                     .into_iter()
+                    .filter(|k| picked(&args.kernels, &format!("{k:?}").to_lowercase()))
                     .flat_map(|k| {
                         std::iter::once(None)
                             .chain(args.chunks.iter().map(|&c| Some(c)))

@@ -32,6 +32,8 @@ use crate::tensor::{DType, GpuTensor};
 const SRC: &str = include_str!("../shaders/attention.wgsl");
 const COMMON_SRC: &str = include_str!("../shaders/attn_common.wgsl");
 const REDUCE_SRC: &str = include_str!("../shaders/attn_reduce.wgsl");
+/// Dims per workgroup of the reduce pass (`DW` in attn_reduce.wgsl).
+const REDUCE_DIMS: u32 = 32;
 const DECODE_SRC: &str = include_str!("../shaders/attn_decode.wgsl");
 const LANES_SRC: &str = include_str!("../shaders/attn_decode_lanes.wgsl");
 const COOP_SRC: &str = include_str!("../shaders/attn_decode_coop.wgsl");
@@ -43,12 +45,13 @@ const WG: u32 = 128;
 const DECODE_TARGET_WORKGROUPS: usize = 1024;
 /// Fewest keys per decode split: each split pays a Q load and a partial-result write.
 const DECODE_MIN_CHUNK: usize = 64;
-/// Workgroups a tensor-core decode dispatch aims for: on the H200 (MQA, head_dim 128) about
-/// 512 beat 1024 by 10-20% at batch 16-64 (longer splits, fewer partial rows to reduce; swept
-/// with an intermediate version of the kernel, not re-swept since).
-const COOP_TARGET_WORKGROUPS: usize = 512;
-/// Fewest keys per split of the tensor-core kernel.
-const COOP_MIN_CHUNK: usize = 256;
+/// Workgroups a tensor-core decode dispatch aims for. Swept on the H200 (MQA, head_dim 128,
+/// batch 1-64, contexts 8k and 32k, 64-8192 keys per split): the fastest split gave 128-512
+/// workgroups, most often 256; more splits cost more partial rows than they gain.
+const COOP_TARGET_WORKGROUPS: usize = 256;
+/// Fewest keys per split of the tensor-core kernel (two blocks; at batch 1 and 8k, 64 keys per
+/// split beat 256 by 1.5x).
+const COOP_MIN_CHUNK: usize = 64;
 /// Most splits per sequence (bounds the scratch and the reduce loop).
 const DECODE_MAX_SPLITS: usize = 256;
 
@@ -476,9 +479,10 @@ struct CoopPlan {
 }
 
 /// Keys per block of the tensor-core kernel (a multiple of 16). Measured on the H200 for MQA
-/// (32 query heads per K/V head, head_dim 128) against blocks of 64: about 2x faster at batch
-/// 16-64, about 20% slower at batch 1-4.
-const COOP_BLOCK: u32 = 16;
+/// (32 query heads per K/V head, head_dim 128), blocks of 32 keys with four subgroups (one
+/// key tile each for the scores) against: 16 keys with two subgroups 1.3-1.5x slower, 32 with
+/// two 2.8x slower, 64 with four 2.8x slower, 64 with eight 10% slower.
+const COOP_BLOCK: u32 = 32;
 
 /// Workgroup memory of the tensor-core kernel: one block of K or V (or the query rows) as
 /// 16-wide tiles of 24-half rows (f16, tiles padded by 8 halves), S and P for the block (f32
@@ -1087,7 +1091,7 @@ impl GpuContext {
                 ml_b,
                 whole(out),
             ],
-            (c.n_q_heads, batch.n_seqs as u32, 1),
+            (c.n_q_heads, batch.n_seqs as u32, hd.div_ceil(REDUCE_DIMS)),
         );
         Ok(())
     }

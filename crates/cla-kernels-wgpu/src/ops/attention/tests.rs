@@ -374,6 +374,25 @@ fn decode_with_many_splits_and_portable_f16() {
     }
 }
 
+/// More splits than the reduce pass has threads (each thread folds several splits' (m, l)),
+/// and a head_dim that is not a multiple of the reduce pass's 32-dim slices.
+#[test]
+fn decode_reduce_folds_more_splits_than_threads() {
+    let s = Scenario {
+        n_kv_heads: 1,
+        group: 2,
+        hd: 46,
+        block_size: 4,
+        seqs: vec![(601, 1), (3, 1)],
+        f16: false,
+        chunk: Some(1),
+        pad: 0,
+        seed: 7,
+        k_ramp: true,
+    };
+    s.run(ctx(), true);
+}
+
 #[test]
 fn attention_rejects_bad_shapes() {
     let c = ctx();
