@@ -12,7 +12,7 @@
 //! - dispatch_floor: two dependent one-workgroup dispatches repeated in one compute pass, the
 //!   fixed cost of a split + reduce decode call.
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
-//!   kv head) and GQA (32 / 8), contexts 1k..32k, batches 1..64 (`--contexts`, `--batches`
+//!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8), contexts 1k..32k, batches 1..64 (`--contexts`, `--batches`
 //!   narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
 //!   (tiled, lanes, coop; see `DecodeKernel`), with the split heuristic's keys per split and
 //!   with each of `--chunks N,..`; the repetitions are recorded into one compute pass, as the
@@ -46,7 +46,7 @@
 //! ```text
 //! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X]
 //!     [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..]
-//!     [--layouts mqa,gqa4] [--kernels tiled,lanes,coop] OUT.json
+//!     [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -72,7 +72,7 @@ struct Args {
     contexts: Option<Vec<usize>>,
     batches: Option<Vec<usize>>,
     chunks: Vec<usize>,
-    /// Attention layouts (mqa, gqa4) and decode kernels (tiled, lanes, coop) to time (None: all).
+    /// Attention layouts (mqa, mqa16, gqa4) and decode kernels (tiled, lanes, coop) to time (None: all).
     layouts: Option<Vec<String>>,
     kernels: Option<Vec<String>>,
     out: String,
@@ -124,7 +124,13 @@ fn parse_args() -> BenchResult<Args> {
                     &["attn", "matmul", "matvec", "sample"],
                 )?)
             }
-            "--layouts" => layouts = Some(name_list("--layouts", it.next(), &["mqa", "gqa4"])?),
+            "--layouts" => {
+                layouts = Some(name_list(
+                    "--layouts",
+                    it.next(),
+                    &["mqa", "mqa16", "gqa4"],
+                )?)
+            }
             "--kernels" => {
                 kernels = Some(name_list(
                     "--kernels",
@@ -145,7 +151,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,gqa4] [--kernels tiled,lanes,coop] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -404,7 +410,7 @@ fn main() -> BenchResult<()> {
     let picked = |list: &Option<Vec<String>>, name: &str| {
         list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
     };
-    let layouts = [("mqa", 32u32, 1u32), ("gqa4", 32, 8)]
+    let layouts = [("mqa", 32u32, 1u32), ("mqa16", 16, 1), ("gqa4", 32, 8)]
         .into_iter()
         .filter(|(label, ..)| want("attn") && picked(&args.layouts, label));
     for (label, n_q_heads, n_kv_heads) in layouts {

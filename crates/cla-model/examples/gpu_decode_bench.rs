@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Each run: `batch` prompts of `prompt` tokens in one prefill step, then `decode` batched
-//! greedy steps (token ids picked on the GPU, one submission per step), then a few steps
-//! that read back the full logits instead. The adapter comes from `CLA_DEVICE` (see
+//! greedy steps (token ids picked on the GPU, one submission per step) and, interleaved with
+//! them in rounds, a few steps that read back the full logits instead (timed apart). The adapter comes from `CLA_DEVICE` (see
 //! `cla devices`); every number is wall-clock time on the host, after a warm-up that
 //! builds the pipelines.
 
@@ -90,6 +90,17 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// The greedy token of each step's first logits row (lowest id on ties).
+fn argmax_first_rows(logits: &[ndarray::Array2<f32>]) -> Vec<u32> {
+    logits
+        .iter()
+        .map(|l| {
+            let row = l.row(0);
+            (0..row.len()).fold(0, |b, j| if row[j] > row[b] { j } else { b }) as u32
+        })
+        .collect()
+}
+
 /// Runs one shape on `dec` and returns its figures.
 fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     let vocab = dec.config().vocab_size;
@@ -128,37 +139,41 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     let t = Instant::now();
     let first = dec.forward(&steps).expect("prefill");
     let prefill_s = t.elapsed().as_secs_f64();
-    let mut next: Vec<u32> = first
-        .iter()
-        .map(|l| {
-            let row = l.row(0);
-            (0..vocab).fold(0, |b, j| if row[j] > row[b] { j } else { b }) as u32
-        })
-        .collect();
+    let mut next = argmax_first_rows(&first);
 
-    let t = Instant::now();
-    for _ in 0..s.decode {
-        let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let steps: Vec<_> = seqs
-            .iter()
-            .zip(&feed)
-            .map(|(&q, t)| SequenceStep::last(q, t))
-            .collect();
-        next = dec.forward_greedy(&steps).expect("decode");
+    // Greedy and logits steps alternate in rounds, so that both see the same context lengths
+    // and the same clock state of the card (which lowers its clocks while the host keeps it
+    // waiting).
+    let (mut decode_s, mut logits_s) = (0.0, 0.0);
+    let (mut greedy_left, mut logits_left) = (s.decode, s.logits_steps);
+    let per_round = s.decode.div_ceil(s.logits_steps.max(1));
+    while greedy_left + logits_left > 0 {
+        let t = Instant::now();
+        for _ in 0..per_round.min(greedy_left) {
+            let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let steps: Vec<_> = seqs
+                .iter()
+                .zip(&feed)
+                .map(|(&q, t)| SequenceStep::last(q, t))
+                .collect();
+            next = dec.forward_greedy(&steps).expect("decode");
+        }
+        decode_s += t.elapsed().as_secs_f64();
+        greedy_left -= per_round.min(greedy_left);
+        if logits_left > 0 {
+            let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+            let steps: Vec<_> = seqs
+                .iter()
+                .zip(&feed)
+                .map(|(&q, t)| SequenceStep::last(q, t))
+                .collect();
+            let t = Instant::now();
+            let logits = dec.forward(&steps).expect("decode with logits");
+            logits_s += t.elapsed().as_secs_f64();
+            logits_left -= 1;
+            next = argmax_first_rows(&logits);
+        }
     }
-    let decode_s = t.elapsed().as_secs_f64();
-
-    let t = Instant::now();
-    for _ in 0..s.logits_steps {
-        let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let steps: Vec<_> = seqs
-            .iter()
-            .zip(&feed)
-            .map(|(&q, t)| SequenceStep::last(q, t))
-            .collect();
-        dec.forward(&steps).expect("decode with logits");
-    }
-    let logits_s = t.elapsed().as_secs_f64();
     let kv_bytes = dec.kv_bytes_in_use();
     for q in seqs {
         dec.free_sequence(q).expect("free");

@@ -467,15 +467,82 @@ fn lanes_source(name: &str, hd: u32, block_size: u32, f32s: bool, p: &LanesPlan)
 }
 
 /// Tiling of the tensor-core kernel (`shaders/attn_decode_coop.wgsl`): row tiles of 16 query
-/// heads per workgroup (1 or 2), workgroups per group, subgroups per workgroup, and per
-/// subgroup the key tiles of a block it scores and the output dim tiles it accumulates.
+/// heads per workgroup (1 or 2), workgroups per group, and how a block's work is split among
+/// the workgroup's subgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CoopPlan {
     nr: u32,
     row_groups: u32,
+    split: CoopSplit,
+}
+
+/// A subgroup's share of a block of the tensor-core kernel (`w` subgroups). Scores: `qr` row
+/// tiles x `kpw` key tiles over one of `ndg` equal groups of the head's dim tiles (the groups'
+/// partial scores are summed by the softmax). P.V: `rpw` row tiles x `dpw` dim tiles of O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CoopSplit {
     w: u32,
+    qr: u32,
     kpw: u32,
+    ndg: u32,
+    rpw: u32,
     dpw: u32,
+}
+
+impl CoopSplit {
+    /// Fragments a subgroup moves through workgroup memory per block: K and V fragments
+    /// loaded, S stored, P loaded.
+    fn traffic(&self, nd: u32) -> u32 {
+        let kt = COOP_BLOCK / 16;
+        self.kpw * (nd / self.ndg) + self.qr * self.kpw + kt * (self.rpw + self.dpw)
+    }
+
+    /// Registers per thread for the fragments a subgroup holds (Q, S, O).
+    fn registers(&self, nd: u32) -> u32 {
+        4 * self.qr * (nd / self.ndg) + 8 * self.qr * self.kpw + 8 * self.rpw * self.dpw
+    }
+
+    /// The split of a block of `nd` dim tiles and `nr` row tiles over at most `max_w`
+    /// subgroups. Measured on the H200 (MQA, head_dim 128, blocks of 32 keys): four subgroups
+    /// beat two by 1.3-2.8x (with 16 query heads, one row tile, four subgroups need the
+    /// scores' dims split in two: 2.6x faster than two subgroups without); with 32 heads,
+    /// splitting the dims anyway costs ~5%, and which rows and dims of O a subgroup takes makes
+    /// no difference. Hence: the most subgroups, then the fewest dim groups, then the least
+    /// traffic, then the fewest registers.
+    fn choose(nd: u32, nr: u32, max_w: u32) -> Option<CoopSplit> {
+        let kt = COOP_BLOCK / 16;
+        let divisors = |n: u32| (1..=n).filter(move |d| n.is_multiple_of(*d));
+        let mut all = Vec::new();
+        for qr in divisors(nr) {
+            for kpw in divisors(kt) {
+                for ndg in divisors(nd) {
+                    let w = nr / qr * (kt / kpw) * ndg;
+                    for rpw in divisors(nr) {
+                        for dpw in divisors(nd) {
+                            if w <= max_w && nr / rpw * (nd / dpw) == w {
+                                all.push(CoopSplit {
+                                    w,
+                                    qr,
+                                    kpw,
+                                    ndg,
+                                    rpw,
+                                    dpw,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        all.into_iter().min_by_key(|s| {
+            (
+                std::cmp::Reverse(s.w),
+                s.ndg,
+                s.traffic(nd),
+                s.registers(nd),
+            )
+        })
+    }
 }
 
 /// Keys per block of the tensor-core kernel (a multiple of 16). Measured on the H200 for MQA
@@ -485,12 +552,16 @@ struct CoopPlan {
 const COOP_BLOCK: u32 = 32;
 
 /// Workgroup memory of the tensor-core kernel: one block of K or V (or the query rows) as
-/// 16-wide tiles of 24-half rows (f16, tiles padded by 8 halves), S and P for the block (f32
-/// and f16 rows padded by 16 bytes), and eight words of bounds and flag.
-fn coop_shared_bytes(hd: u32, nr: u32) -> u32 {
+/// 16-wide tiles of 24-half rows (f16, tiles padded by 8 halves), S for the block per dim group
+/// and P (f32 and f16 rows padded by 16 bytes), and eight words of bounds and flag.
+fn coop_shared_bytes(hd: u32, nr: u32, ndg: u32) -> u32 {
     let (rt, kb) = (16 * nr, COOP_BLOCK);
-    2 * (hd / 16) * (kb.max(rt) * 24 + 8) + 4 * rt * (kb + 4) + 2 * rt * (kb + 8) + 32
+    2 * (hd / 16) * (kb.max(rt) * 24 + 8) + 4 * ndg * rt * (kb + 4) + 2 * rt * (kb + 8) + 32
 }
+
+/// Most subgroups per tensor-core workgroup (eight were 5-10% slower than four at batch 16-64
+/// for 32-head MQA on the H200).
+const COOP_MAX_SUBGROUPS: u32 = 4;
 
 /// The tensor-core plan, or why it does not apply. `ch` as in [`lanes_plan`]; `available`:
 /// [`GpuContext::coopmat_f16_available`]; `subgroup`: subgroup operations (the softmax's row
@@ -536,34 +607,26 @@ fn coop_plan(
         ));
     }
     // Two row tiles (32 query heads) per workgroup where they fit, else one.
-    let mut nr = if group.is_multiple_of(32) { 2 } else { 1 };
-    if coop_shared_bytes(hd, nr) > max_shared {
-        nr = 1;
+    let mut need = 0;
+    for nr in [2, 1] {
+        if !group.is_multiple_of(16 * nr) {
+            continue;
+        }
+        let split =
+            CoopSplit::choose(hd / 16, nr, COOP_MAX_SUBGROUPS).expect("one subgroup always splits");
+        need = coop_shared_bytes(hd, nr, split.ndg);
+        if need <= max_shared {
+            return Ok(CoopPlan {
+                nr,
+                row_groups: group / (16 * nr),
+                split,
+            });
+        }
     }
-    let need = coop_shared_bytes(hd, nr);
-    if need > max_shared {
-        return Err(format!(
-            "the tensor-core kernel with head_dim {hd} needs {need} bytes of workgroup memory, \
-             the adapter has {max_shared}"
-        ));
-    }
-    // Up to four subgroups: a whole number of them per row tile, sharing its output dims.
-    let nd = hd / 16;
-    let w = [4u32, 2, 1]
-        .into_iter()
-        .find(|&w| {
-            w.is_multiple_of(nr)
-                && (nd * nr).is_multiple_of(w)
-                && (COOP_BLOCK / 16 * nr).is_multiple_of(w)
-        })
-        .unwrap_or(nr);
-    Ok(CoopPlan {
-        nr,
-        row_groups: group / (16 * nr),
-        w,
-        kpw: COOP_BLOCK / 16 * nr / w,
-        dpw: nd * nr / w,
-    })
+    Err(format!(
+        "the tensor-core kernel with head_dim {hd} needs {need} bytes of workgroup memory, \
+         the adapter has {max_shared}"
+    ))
 }
 
 /// The tensor-core kernel's source: the template with its per-fragment statements unrolled.
@@ -579,49 +642,84 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
         mut spill,
         mut fill,
     ] = [(); 7].map(|()| String::new());
-    for d in 0..nd {
-        let _ = writeln!(
-            &mut q_load,
-            "    let q{d} = coopLoadT<FragA>(&kv[qa + {d}u * DT], TS);"
-        );
-    }
-    for c in 0..p.kpw {
-        for d in 0..nd {
-            let b = format!("coopLoad<FragB>(&kv[{d}u * DT + (kt0 + {c}u) * 16u * TS], TS)");
-            let _ = if d == 0 {
-                writeln!(&mut qk, "        var s{c} = coopMultiplyAdd(q0, {b}, zc);")
-            } else {
-                writeln!(&mut qk, "        s{c} = coopMultiplyAdd(q{d}, {b}, s{c});")
-            };
+    let sp = &p.split;
+    let ndd = nd / sp.ndg;
+    for i in 0..sp.qr {
+        for j in 0..ndd {
+            let _ = writeln!(
+                &mut q_load,
+                "    let q{i}_{j} = coopLoadT<FragA>(&kv[(qr0 + {i}u) * 16u * TS + (dq0 + {j}u) * DT], TS);"
+            );
         }
-        let _ = writeln!(
-            &mut s_store,
-            "        {{\n            let sv = s{c};\n            let at = rt * 16u * SS + (kt0 + {c}u) * 16u;\n            coopStoreT(sv, &ss[at], SS);\n        }}"
-        );
+    }
+    for i in 0..sp.qr {
+        for c in 0..sp.kpw {
+            let _ = writeln!(&mut qk, "        var s{i}_{c}: Acc;");
+        }
+    }
+    for c in 0..sp.kpw {
+        for j in 0..ndd {
+            let _ = writeln!(
+                &mut qk,
+                "        {{\n            let b = coopLoad<FragB>(&kv[(dq0 + {j}u) * DT + (kt0 + {c}u) * 16u * TS], TS);"
+            );
+            for i in 0..sp.qr {
+                let acc = if j == 0 {
+                    "zc".to_string()
+                } else {
+                    format!("s{i}_{c}")
+                };
+                let _ = writeln!(
+                    &mut qk,
+                    "            s{i}_{c} = coopMultiplyAdd(q{i}_{j}, b, {acc});"
+                );
+            }
+            qk += "        }\n";
+        }
+        for i in 0..sp.qr {
+            let _ = writeln!(
+                &mut s_store,
+                "        {{\n            let sv = s{i}_{c};\n            let at = sb + (qr0 + {i}u) * 16u * SS + (kt0 + {c}u) * 16u;\n            coopStoreT(sv, &ss[at], SS);\n        }}"
+            );
+        }
     }
     for c in 0..COOP_BLOCK / 16 {
-        let _ = writeln!(
-            &mut pv,
-            "        {{\n            let pa = coopLoadT<FragA>(&ps[rt * 16u * PS + {}u], PS);",
-            c * 16
-        );
-        for j in 0..p.dpw {
+        pv += "        {\n";
+        for i in 0..sp.rpw {
             let _ = writeln!(
                 &mut pv,
-                "            o{j} = coopMultiplyAdd(pa, coopLoadT<FragB>(&kv[(dt0 + {j}u) * DT + {}u * TS], TS), o{j});",
+                "            let pa{i} = coopLoadT<FragA>(&ps[(pr0 + {i}u) * 16u * PS + {}u], PS);",
                 c * 16
             );
         }
+        for j in 0..sp.dpw {
+            let _ = writeln!(
+                &mut pv,
+                "            let vb{j} = coopLoadT<FragB>(&kv[(pd0 + {j}u) * DT + {}u * TS], TS);",
+                c * 16
+            );
+            for i in 0..sp.rpw {
+                let _ = writeln!(
+                    &mut pv,
+                    "            o{i}_{j} = coopMultiplyAdd(pa{i}, vb{j}, o{i}_{j});"
+                );
+            }
+        }
         pv += "        }\n";
     }
-    for j in 0..p.dpw {
-        let at = format!("oa + {}u", j * 16);
-        let _ = writeln!(&mut decl, "    var o{j} = Acc();");
-        let _ = writeln!(
-            &mut spill,
-            "    {{\n        let v = o{j};\n        let at = {at};\n        coopStoreT(v, &out[at], ostride);\n    }}"
-        );
-        let _ = writeln!(&mut fill, "    o{j} = coopLoadT<Acc>(&out[{at}], ostride);");
+    for i in 0..sp.rpw {
+        for j in 0..sp.dpw {
+            let at = format!("obase + (pr0 + {i}u) * 16u * ostride + (pd0 + {j}u) * 16u");
+            let _ = writeln!(&mut decl, "    var o{i}_{j} = Acc();");
+            let _ = writeln!(
+                &mut spill,
+                "    {{\n        let v = o{i}_{j};\n        let at = {at};\n        coopStoreT(v, &out[at], ostride);\n    }}"
+            );
+            let _ = writeln!(
+                &mut fill,
+                "    o{i}_{j} = coopLoadT<Acc>(&out[{at}], ostride);"
+            );
+        }
     }
     render_attention(
         name,
@@ -630,9 +728,12 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
             ("HD", hd.to_string()),
             ("KB", COOP_BLOCK.to_string()),
             ("NR", p.nr.to_string()),
-            ("W", p.w.to_string()),
-            ("KPW", p.kpw.to_string()),
-            ("DPW", p.dpw.to_string()),
+            ("W", sp.w.to_string()),
+            ("QR", sp.qr.to_string()),
+            ("KPW", sp.kpw.to_string()),
+            ("NDD", ndd.to_string()),
+            ("RPW", sp.rpw.to_string()),
+            ("DPW", sp.dpw.to_string()),
             ("BS", block_size.to_string()),
             ("Q_LOAD", q_load),
             ("QK", qk),
@@ -1161,7 +1262,16 @@ impl GpuContext {
                 let key = PipelineKey {
                     kernel: "attn_decode_coop",
                     elems: vec![ElemStorage::F16Packed],
-                    params: vec![("hd", hd), ("nr", p.nr), ("w", p.w), ("bs", block_size)],
+                    params: vec![
+                        ("hd", hd),
+                        ("nr", p.nr),
+                        ("w", p.split.w),
+                        ("qr", p.split.qr),
+                        ("kpw", p.split.kpw),
+                        ("ndg", p.split.ndg),
+                        ("rpw", p.split.rpw),
+                        ("bs", block_size),
+                    ],
                 };
                 self.kernel(key, &binds, |name| coop_source(name, hd, block_size, &p))
             }

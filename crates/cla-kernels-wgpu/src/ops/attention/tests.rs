@@ -644,24 +644,35 @@ fn coop_decode_kernels_pass_naga_validation() {
     ] {
         let p = super::coop_plan(hd, group, f16, f16, 8, true, true, 48 << 10).unwrap();
         assert_eq!(16 * p.nr * p.row_groups, group, "{p:?}");
-        assert_eq!(
-            p.kpw * p.w,
-            super::COOP_BLOCK / 16 * p.nr,
-            "{p:?}: key tiles of a block"
-        );
-        assert_eq!(p.dpw * p.w, hd / 16 * p.nr, "{p:?}: output dim tiles");
-        let what = format!("coop decode hd {hd} group {group}");
-        let module =
-            crate::testing::validate_coop(&what, &super::coop_source("v", hd, 16, &p).unwrap());
-        assert_eq!(
-            crate::testing::workgroup_bytes(&module),
-            super::coop_shared_bytes(hd, p.nr),
-            "{what}: workgroup memory"
-        );
-        assert_eq!(
-            module.entry_points[0].workgroup_size,
-            [32 * p.w, 1, 1],
-            "{what}: workgroup size"
-        );
+        // The chosen split and those for fewer or more subgroups.
+        for max_w in [1, 2, 4, 8] {
+            let split = super::CoopSplit::choose(hd / 16, p.nr, max_w).unwrap();
+            let p = super::CoopPlan { split, ..p };
+            let (nd, kt) = (hd / 16, super::COOP_BLOCK / 16);
+            assert!(split.w <= max_w, "{p:?}");
+            assert_eq!(
+                split.w * split.qr * split.kpw * (nd / split.ndg),
+                p.nr * kt * nd,
+                "{p:?}: score multiply-adds of a block"
+            );
+            assert_eq!(
+                split.w * split.rpw * split.dpw,
+                p.nr * nd,
+                "{p:?}: output tiles"
+            );
+            let what = format!("coop decode hd {hd} group {group} split {split:?}");
+            let module =
+                crate::testing::validate_coop(&what, &super::coop_source("v", hd, 16, &p).unwrap());
+            assert_eq!(
+                crate::testing::workgroup_bytes(&module),
+                super::coop_shared_bytes(hd, p.nr, split.ndg),
+                "{what}: workgroup memory"
+            );
+            assert_eq!(
+                module.entry_points[0].workgroup_size,
+                [32 * split.w, 1, 1],
+                "{what}: workgroup size"
+            );
+        }
     }
 }
