@@ -344,6 +344,12 @@ pub const LANES_MAX_HEADS: u32 = 8;
 /// Fewest query heads per workgroup when [`DecodeKernel::Lanes`] splits a larger group:
 /// below that, re-reading the K/V rows for every share costs more than it saves.
 pub const LANES_MIN_SHARE: u32 = 4;
+/// Fewest keys per split of [`DecodeKernel::Lanes`], halved when splits that long would leave
+/// the dispatch with fewer than [`LANES_FEW_WORKGROUPS`] workgroups. Swept on the H200 (GQA4,
+/// head_dim 128, batch 1 and 4, 1k-32k keys, 128 against 256 keys per split): 256 was
+/// 4-11% faster wherever it still gave 256 workgroups or more, 18-27% slower where it did not.
+const LANES_MIN_CHUNK: usize = 256;
+const LANES_FEW_WORKGROUPS: usize = 256;
 /// Threads per lane-group workgroup (at least).
 const LANES_WG: u32 = 128;
 
@@ -1074,6 +1080,7 @@ impl GpuContext {
         }
         .ok_or_else(|| GpuError::NotAvailable("attention_decode: no kernel applies".into()))?;
 
+        let max_kv = batch.max_kv_len.max(1);
         // Per kernel: workgroups per (sequence, K/V head) and split, the key granularity a
         // split should be a multiple of, the fewest keys per split (each split re-reads the
         // query rows and writes partial rows, which must stay small next to its K/V), and
@@ -1085,12 +1092,20 @@ impl GpuContext {
                 (2 * p.r as usize).max(DECODE_MIN_CHUNK),
                 DECODE_TARGET_WORKGROUPS,
             ),
-            DecodeChoice::Lanes(p) => (
-                p.row_groups,
-                p.keys_per_iter() as usize,
-                2 * DECODE_MIN_CHUNK,
-                DECODE_TARGET_WORKGROUPS,
-            ),
+            DecodeChoice::Lanes(p) => {
+                let splits = max_kv.div_ceil(LANES_MIN_CHUNK);
+                let wgs = splits * batch.n_seqs * l.n_kv_heads as usize * p.row_groups as usize;
+                (
+                    p.row_groups,
+                    p.keys_per_iter() as usize,
+                    if wgs < LANES_FEW_WORKGROUPS {
+                        LANES_MIN_CHUNK / 2
+                    } else {
+                        LANES_MIN_CHUNK
+                    },
+                    DECODE_TARGET_WORKGROUPS,
+                )
+            }
             DecodeChoice::Coop(p) => (
                 p.row_groups,
                 COOP_BLOCK as usize,
@@ -1102,7 +1117,6 @@ impl GpuContext {
         // (several per SM even at batch 1).
         let per_split = batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         let want = target.div_ceil(per_split).clamp(1, DECODE_MAX_SPLITS);
-        let max_kv = batch.max_kv_len.max(1);
         let mut chunk = opts
             .chunk
             .unwrap_or_else(|| max_kv.div_ceil(want).max(min_chunk).div_ceil(gran) * gran);
