@@ -21,7 +21,7 @@ use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
 use cla_model::{
     Decoder, GpuDecoder, GpuDecoderOptions, GpuWeightDType, ModelWeights, RandomWeightsOptions,
-    SequenceStep,
+    SequenceId, SequenceStep,
 };
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -101,6 +101,22 @@ fn argmax_first_rows(logits: &[ndarray::Array2<f32>]) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `f` on a decode step that feeds token `next[i]` to sequence `seqs[i]`.
+fn one_token_steps<R>(
+    dec: &mut GpuDecoder,
+    seqs: &[SequenceId],
+    next: &[u32],
+    f: impl FnOnce(&mut GpuDecoder, &[SequenceStep<'_>]) -> R,
+) -> R {
+    let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+    let steps: Vec<_> = seqs
+        .iter()
+        .zip(&feed)
+        .map(|(&q, t)| SequenceStep::last(q, t))
+        .collect();
+    f(dec, &steps)
+}
+
 /// Runs one shape on `dec` and returns its figures.
 fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     let vocab = dec.config().vocab_size;
@@ -116,14 +132,11 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
         .collect();
     let mut next = dec.forward_greedy(&steps).expect("warm-up prefill");
     for _ in 0..2 {
-        let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let steps: Vec<_> = seqs
-            .iter()
-            .zip(&feed)
-            .map(|(&q, t)| SequenceStep::last(q, t))
-            .collect();
-        next = dec.forward_greedy(&steps).expect("warm-up decode");
-        dec.forward(&steps[..1]).ok();
+        next = one_token_steps(dec, &seqs, &next, |dec, steps| {
+            let next = dec.forward_greedy(steps).expect("warm-up decode");
+            dec.forward(&steps[..1]).ok();
+            next
+        });
     }
     for q in seqs {
         dec.free_sequence(q).expect("free");
@@ -150,25 +163,17 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     while greedy_left + logits_left > 0 {
         let t = Instant::now();
         for _ in 0..per_round.min(greedy_left) {
-            let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let steps: Vec<_> = seqs
-                .iter()
-                .zip(&feed)
-                .map(|(&q, t)| SequenceStep::last(q, t))
-                .collect();
-            next = dec.forward_greedy(&steps).expect("decode");
+            next = one_token_steps(dec, &seqs, &next, |dec, steps| {
+                dec.forward_greedy(steps).expect("decode")
+            });
         }
         decode_s += t.elapsed().as_secs_f64();
         greedy_left -= per_round.min(greedy_left);
         if logits_left > 0 {
-            let feed: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-            let steps: Vec<_> = seqs
-                .iter()
-                .zip(&feed)
-                .map(|(&q, t)| SequenceStep::last(q, t))
-                .collect();
             let t = Instant::now();
-            let logits = dec.forward(&steps).expect("decode with logits");
+            let logits = one_token_steps(dec, &seqs, &next, |dec, steps| {
+                dec.forward(steps).expect("decode with logits")
+            });
             logits_s += t.elapsed().as_secs_f64();
             logits_left -= 1;
             next = argmax_first_rows(&logits);
