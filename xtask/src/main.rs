@@ -1,7 +1,8 @@
 //! Developer workflow for the cla workspace.
 //!
-//! * `cargo xtask test`: formatting check, clippy with warnings denied, and every test of
-//!   the workspace (property tests included). Exits non-zero on the first failure.
+//! * `cargo xtask test`: formatting check, clippy with warnings denied, every test of the
+//!   workspace (property tests included), and a run of each GPU benchmark program with tiny
+//!   shapes on the software device. Exits non-zero on the first failure.
 //! * `cargo xtask conformance`: the tests that read the shared reference models and data
 //!   (see DEVELOPERS.md). They are `#[ignore]`d in the plain suite because a fresh clone
 //!   does not have those files; this command runs exactly those tests.
@@ -13,7 +14,8 @@ use std::process::Command;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  test          cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
+  test          cargo fmt --check, cargo clippy -D warnings, cargo test --workspace, and the
+                GPU benchmark programs with tiny shapes on the software device
   conformance   the tests that need the shared reference models (CLA_SHARED_DIR, default ../shared)
 ";
 
@@ -43,10 +45,15 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
+    cargo_with_env(args, &[])
+}
+
+fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     eprintln!("xtask: running cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("could not start `{cargo}`"))?;
@@ -67,8 +74,61 @@ fn test() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    bench_smoke()?;
     eprintln!("xtask: all checks passed");
     Ok(())
+}
+
+/// Runs each GPU benchmark program end to end with tiny shapes on the software device (its
+/// figures mean nothing there): a benchmark that no longer runs, or no longer writes its
+/// report, fails here instead of on a GPU machine.
+fn bench_smoke() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("cla-xtask-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let runs: [(&str, &str, &[&str], &str); 2] = [
+        (
+            "cla-kernels-wgpu",
+            "gpu_bench",
+            &[
+                "--quick",
+                "--only",
+                "attn,sample",
+                "--contexts",
+                "64",
+                "--batches",
+                "1",
+            ],
+            "\"attn_decode\"",
+        ),
+        (
+            "cla-model",
+            "gpu_decode_bench",
+            &["--quick", "--skip-1b"],
+            "\"decode_tokens_per_s\"",
+        ),
+    ];
+    let result = runs
+        .iter()
+        .try_for_each(|(package, example, args, expect)| {
+            let out = dir.join(format!("{example}.json"));
+            let out_arg = out.to_string_lossy().into_owned();
+            let mut all: Vec<&str> =
+                vec!["run", "--quiet", "-p", package, "--example", example, "--"];
+            all.extend_from_slice(args);
+            all.push(&out_arg);
+            cargo_with_env(&all, &[("CLA_DEVICE", "cpu")])?;
+            let report = std::fs::read_to_string(&out)
+                .with_context(|| format!("{example} wrote no report at {}", out.display()))?;
+            if !report.contains(expect) {
+                bail!(
+                    "{example}: the report at {} has no {expect} entry",
+                    out.display()
+                );
+            }
+            Ok(())
+        });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// Directory with the shared reference material (models with golden outputs, corpus).
