@@ -676,3 +676,58 @@ fn coop_decode_kernels_pass_naga_validation() {
         }
     }
 }
+
+/// For every head_dim the tensor-core kernel takes (up to 256) and either row-tile count,
+/// the chosen split covers a block's score and output tiles exactly once between the
+/// subgroups, stays within the subgroup limit, and uses the most subgroups any exact split
+/// allows (checked against a brute-force search over all tile counts).
+#[test]
+fn coop_splits_cover_a_block_exactly() {
+    let kt = super::COOP_BLOCK / 16;
+    for nd in 1..=16u32 {
+        for nr in [1u32, 2] {
+            for max_w in [1u32, 2, 4, 8] {
+                let s = super::CoopSplit::choose(nd, nr, max_w).unwrap();
+                let what = format!("nd {nd} nr {nr} max_w {max_w}: {s:?}");
+                assert!(s.w >= 1 && s.w <= max_w, "{what}");
+                assert!(
+                    nd.is_multiple_of(s.ndg) && nd.is_multiple_of(s.dpw),
+                    "{what}"
+                );
+                assert!(
+                    nr.is_multiple_of(s.qr) && nr.is_multiple_of(s.rpw),
+                    "{what}"
+                );
+                assert!(kt.is_multiple_of(s.kpw), "{what}");
+                assert_eq!(s.w * s.qr * s.kpw * (nd / s.ndg), nr * kt * nd, "{what}");
+                assert_eq!(s.w * s.rpw * s.dpw, nr * nd, "{what}");
+                // Brute force: the largest subgroup count for which both the scores and O
+                // split evenly.
+                let best = (1..=max_w)
+                    .filter(|&w| {
+                        let scores = (1..=nr).any(|qr| {
+                            (1..=kt).any(|kpw| {
+                                (1..=nd).any(|ndg| {
+                                    nr.is_multiple_of(qr)
+                                        && kt.is_multiple_of(kpw)
+                                        && nd.is_multiple_of(ndg)
+                                        && nr / qr * (kt / kpw) * ndg == w
+                                })
+                            })
+                        });
+                        let outputs = (1..=nr).any(|rpw| {
+                            (1..=nd).any(|dpw| {
+                                nr.is_multiple_of(rpw)
+                                    && nd.is_multiple_of(dpw)
+                                    && nr / rpw * (nd / dpw) == w
+                            })
+                        });
+                        scores && outputs
+                    })
+                    .max()
+                    .unwrap();
+                assert_eq!(s.w, best, "{what}");
+            }
+        }
+    }
+}
