@@ -12,8 +12,8 @@
 //! - `cla2-38M`: 8 layers, 512 wide, 8 query heads / 2 K/V heads of 64, CLA2, vocab 32000.
 //! - `yoco-38M`: the same, layers 0-3 produce and layers 4-7 all read layer 3's K/V.
 //!
-//! Release build, f32 weights, f32 cache unless `--kv f16`, best of 3 for prefill, decode after a 128- or
-//! 256-token prompt. Figures, with the machine and date, are in `BENCHMARKS.md`.
+//! Release build, f32 weights, f32 cache unless `--kv f16`, best of 3 for prefill, decode
+//! after a 128- or 256-token prompt. Figures, with the machine and date, are in `BENCHMARKS.md`.
 
 use cla_core::{KvSharing, ModelConfig, SharingPattern};
 use cla_kv::KvDType;
@@ -21,15 +21,7 @@ use cla_model::{
     CpuDecoder, CpuDecoderOptions, Decoder, ModelWeights, SequenceStep, cache_config_for,
 };
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::time::Instant;
-
-/// The cache dtype of every run (`--kv f16|f32`).
-static KV: OnceLock<KvDType> = OnceLock::new();
-
-fn kv_dtype() -> KvDType {
-    *KV.get().unwrap_or(&KvDType::F32)
-}
 
 fn config(
     hidden: usize,
@@ -72,11 +64,15 @@ fn prompt(len: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Prefill seconds of a `len`-token prompt (last-position logits).
-fn prefill_seconds(w: &Arc<ModelWeights>, len: usize, options: CpuDecoderOptions) -> f64 {
+fn prefill_seconds(
+    w: &Arc<ModelWeights>,
+    kv: KvDType,
+    len: usize,
+    options: CpuDecoderOptions,
+) -> f64 {
     let p = prompt(len, w.config.vocab_size);
     let mut dec =
-        CpuDecoder::with_options(Arc::clone(w), cache_config_for(len, 1, kv_dtype()), options)
-            .unwrap();
+        CpuDecoder::with_options(Arc::clone(w), cache_config_for(len, 1, kv), options).unwrap();
     best_of(3, || {
         let seq = dec.add_sequence();
         dec.forward(&[SequenceStep::last(seq, &p)]).unwrap();
@@ -86,13 +82,16 @@ fn prefill_seconds(w: &Arc<ModelWeights>, len: usize, options: CpuDecoderOptions
 
 /// Decode tokens per second: `batch` sequences with a `context`-token prompt each, then
 /// `steps` batched single-token steps.
-fn decode_rate(w: &Arc<ModelWeights>, batch: usize, context: usize, steps: usize) -> f64 {
+fn decode_rate(
+    w: &Arc<ModelWeights>,
+    kv: KvDType,
+    batch: usize,
+    context: usize,
+    steps: usize,
+) -> f64 {
     let p = prompt(context, w.config.vocab_size);
-    let mut dec = CpuDecoder::new(
-        Arc::clone(w),
-        cache_config_for(context + steps, batch, kv_dtype()),
-    )
-    .unwrap();
+    let mut dec =
+        CpuDecoder::new(Arc::clone(w), cache_config_for(context + steps, batch, kv)).unwrap();
     let seqs: Vec<_> = (0..batch).map(|_| dec.add_sequence()).collect();
     let steps_in: Vec<_> = seqs.iter().map(|&s| SequenceStep::last(s, &p)).collect();
     dec.forward(&steps_in).unwrap();
@@ -108,14 +107,21 @@ fn decode_rate(w: &Arc<ModelWeights>, batch: usize, context: usize, steps: usize
     (batch * steps) as f64 / t.elapsed().as_secs_f64()
 }
 
-fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_context: usize) {
+/// Prefill and decode figures of one model, with the cache in `kv`.
+fn report(
+    name: &str,
+    w: &Arc<ModelWeights>,
+    kv: KvDType,
+    prefill_lens: &[usize],
+    decode_context: usize,
+) {
     let params = w.num_parameters();
     println!(
         "\n{name}: {:.2}M parameters, {} layers, map {}, {:?} cache, {} rayon threads",
         params as f64 / 1e6,
         w.config.num_layers(),
         w.config.kv_sharing,
-        kv_dtype(),
+        kv,
         rayon::current_num_threads()
     );
     let max = w.config.max_position_embeddings;
@@ -124,7 +130,7 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
             println!("  prefill {len:>4} tokens: skipped (the model's context is {max})");
             continue;
         }
-        let s = prefill_seconds(w, len, CpuDecoderOptions::default());
+        let s = prefill_seconds(w, kv, len, CpuDecoderOptions::default());
         println!(
             "  prefill {len:>4} tokens: {:>9.0} tokens/s ({:.1} ms)",
             len as f64 / s,
@@ -133,15 +139,16 @@ fn report(name: &str, w: &Arc<ModelWeights>, prefill_lens: &[usize], decode_cont
     }
     let decode_context = decode_context.min(max.saturating_sub(32));
     for batch in [1, 8] {
-        let r = decode_rate(w, batch, decode_context, 32);
+        let r = decode_rate(w, kv, batch, decode_context, 32);
         println!("  decode batch {batch} (context {decode_context}): {r:>9.1} tokens/s");
     }
 }
 
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut kv = KvDType::F32;
     if let Some(i) = args.iter().position(|a| a == "--kv") {
-        let dtype = match args.get(i + 1).map(String::as_str) {
+        kv = match args.get(i + 1).map(String::as_str) {
             Some("f16") => KvDType::F16,
             Some("f32") => KvDType::F32,
             other => {
@@ -149,7 +156,6 @@ fn main() {
                 std::process::exit(2);
             }
         };
-        KV.set(dtype).expect("set once");
         args.drain(i..i + 2);
     }
     if let Some(dir) = args.first() {
@@ -160,7 +166,7 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        report(dir, &w, &[128, 512], 128);
+        report(dir, &w, kv, &[128, 512], 128);
         return;
     }
 
@@ -168,6 +174,7 @@ fn main() {
     report(
         "stories260K-like",
         &Arc::new(ModelWeights::random(&stories, 1)),
+        kv,
         &[128, 512],
         128,
     );
@@ -183,6 +190,7 @@ fn main() {
     report(
         "cla2-38M",
         &Arc::new(ModelWeights::random(&cla2, 2)),
+        kv,
         &[128, 512],
         256,
     );
@@ -195,9 +203,10 @@ fn main() {
     ));
     println!("\nyoco-38M prefill, consumer tail for the last position only vs for every position:");
     for len in [128, 512] {
-        let on = prefill_seconds(&yoco, len, CpuDecoderOptions::default());
+        let on = prefill_seconds(&yoco, kv, len, CpuDecoderOptions::default());
         let off = prefill_seconds(
             &yoco,
+            kv,
             len,
             CpuDecoderOptions {
                 skip_consumer_tail: false,
