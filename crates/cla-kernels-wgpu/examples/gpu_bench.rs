@@ -12,8 +12,8 @@
 //! - dispatch_floor: two dependent one-workgroup dispatches repeated in one compute pass, the
 //!   fixed cost of a split + reduce decode call.
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
-//!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8), contexts 1k..32k, batches 1..64 (`--contexts`, `--batches`
-//!   narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
+//!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8), contexts 1k..32k,
+//!   batches 1..64 (`--contexts`, `--batches` narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
 //!   (tiled, lanes, coop; see `DecodeKernel`), with the split heuristic's keys per split and
 //!   with each of `--chunks N,..`; the repetitions are recorded into one compute pass, as the
 //!   decoder records a step. Configurations whose K/V region exceeds the adapter's
@@ -72,11 +72,20 @@ struct Args {
     contexts: Option<Vec<usize>>,
     batches: Option<Vec<usize>>,
     chunks: Vec<usize>,
-    /// Attention layouts (mqa, mqa16, gqa4) and decode kernels (tiled, lanes, coop) to time (None: all).
+    /// Names from [`ATTN_LAYOUTS`] and [`DECODE_KERNELS`] to time (None: all).
     layouts: Option<Vec<String>>,
     kernels: Option<Vec<String>>,
     out: String,
 }
+
+/// Attention layouts of the decode sweep: name, query heads, K/V heads.
+const ATTN_LAYOUTS: [(&str, u32, u32); 3] = [("mqa", 32, 1), ("mqa16", 16, 1), ("gqa4", 32, 8)];
+/// Decode kernels of the sweep, by their names on the command line and in the report.
+const DECODE_KERNELS: [(&str, DecodeKernel); 3] = [
+    ("tiled", DecodeKernel::Tiled),
+    ("lanes", DecodeKernel::Lanes),
+    ("coop", DecodeKernel::Coop),
+];
 
 /// A comma-separated list of names, each one of `allowed`.
 fn name_list(flag: &str, v: Option<String>, allowed: &[&str]) -> BenchResult<Vec<String>> {
@@ -128,14 +137,14 @@ fn parse_args() -> BenchResult<Args> {
                 layouts = Some(name_list(
                     "--layouts",
                     it.next(),
-                    &["mqa", "mqa16", "gqa4"],
+                    &ATTN_LAYOUTS.map(|(name, ..)| name),
                 )?)
             }
             "--kernels" => {
                 kernels = Some(name_list(
                     "--kernels",
                     it.next(),
-                    &["tiled", "lanes", "coop"],
+                    &DECODE_KERNELS.map(|(name, _)| name),
                 )?)
             }
             "--contexts" => contexts = Some(usize_list("--contexts", it.next())?),
@@ -410,7 +419,7 @@ fn main() -> BenchResult<()> {
     let picked = |list: &Option<Vec<String>>, name: &str| {
         list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
     };
-    let layouts = [("mqa", 32u32, 1u32), ("mqa16", 16, 1), ("gqa4", 32, 8)]
+    let layouts = ATTN_LAYOUTS
         .into_iter()
         .filter(|(label, ..)| want("attn") && picked(&args.layouts, label));
     for (label, n_q_heads, n_kv_heads) in layouts {
@@ -471,18 +480,18 @@ fn main() -> BenchResult<()> {
                     layout,
                 };
                 let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
-                let runs = [DecodeKernel::Tiled, DecodeKernel::Lanes, DecodeKernel::Coop]
+                let runs = DECODE_KERNELS
                     .into_iter()
-                    .filter(|k| picked(&args.kernels, &format!("{k:?}").to_lowercase()))
-                    .flat_map(|k| {
+                    .filter(|(name, _)| picked(&args.kernels, name))
+                    .flat_map(|(name, k)| {
                         std::iter::once(None)
                             .chain(args.chunks.iter().map(|&c| Some(c)))
-                            .map(move |c| (k, c))
+                            .map(move |c| (name, k, c))
                     });
-                for (kernel, chunk) in runs {
+                for (name, kernel, chunk) in runs {
                     let opts = DecodeOptions { chunk, kernel };
                     let mut params = params.clone();
-                    params.push(("kernel", format!("{kernel:?}").to_lowercase()));
+                    params.push(("kernel", name.to_string()));
                     params.push((
                         "chunk",
                         chunk.map_or_else(|| "auto".to_string(), |c| c.to_string()),
