@@ -1081,6 +1081,9 @@ impl GpuContext {
         .ok_or_else(|| GpuError::NotAvailable("attention_decode: no kernel applies".into()))?;
 
         let max_kv = batch.max_kv_len.max(1);
+        // Workgroups of one split of every sequence and K/V head.
+        let per_split =
+            |row_groups: u32| batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         // Per kernel: workgroups per (sequence, K/V head) and split, the key granularity a
         // split should be a multiple of, the fewest keys per split (each split re-reads the
         // query rows and writes partial rows, which must stay small next to its K/V), and
@@ -1093,8 +1096,7 @@ impl GpuContext {
                 DECODE_TARGET_WORKGROUPS,
             ),
             DecodeChoice::Lanes(p) => {
-                let splits = max_kv.div_ceil(LANES_MIN_CHUNK);
-                let wgs = splits * batch.n_seqs * l.n_kv_heads as usize * p.row_groups as usize;
+                let wgs = max_kv.div_ceil(LANES_MIN_CHUNK) * per_split(p.row_groups);
                 (
                     p.row_groups,
                     p.keys_per_iter() as usize,
@@ -1115,8 +1117,9 @@ impl GpuContext {
         };
         // Split heuristic: enough splits that the dispatch has about `target` workgroups
         // (several per SM even at batch 1).
-        let per_split = batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
-        let want = target.div_ceil(per_split).clamp(1, DECODE_MAX_SPLITS);
+        let want = target
+            .div_ceil(per_split(row_groups))
+            .clamp(1, DECODE_MAX_SPLITS);
         let mut chunk = opts
             .chunk
             .unwrap_or_else(|| max_kv.div_ceil(want).max(min_chunk).div_ceil(gran) * gran);
