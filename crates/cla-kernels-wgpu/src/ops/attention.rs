@@ -518,7 +518,16 @@ impl CoopSplit {
     fn choose(nd: u32, nr: u32, max_w: u32) -> Option<CoopSplit> {
         let kt = COOP_BLOCK / 16;
         let divisors = |n: u32| (1..=n).filter(move |d| n.is_multiple_of(*d));
-        let mut all = Vec::new();
+        let rank = |s: &CoopSplit| {
+            (
+                std::cmp::Reverse(s.w),
+                s.ndg,
+                s.traffic(nd),
+                s.registers(nd),
+            )
+        };
+        // (Runs on every decode call: keeps the best candidate instead of collecting them.)
+        let mut best: Option<CoopSplit> = None;
         for qr in divisors(nr) {
             for kpw in divisors(kt) {
                 for ndg in divisors(nd) {
@@ -526,28 +535,24 @@ impl CoopSplit {
                     for rpw in divisors(nr) {
                         for dpw in divisors(nd) {
                             if w <= max_w && nr / rpw * (nd / dpw) == w {
-                                all.push(CoopSplit {
+                                let s = CoopSplit {
                                     w,
                                     qr,
                                     kpw,
                                     ndg,
                                     rpw,
                                     dpw,
-                                });
+                                };
+                                if best.is_none_or(|b| rank(&s) < rank(&b)) {
+                                    best = Some(s);
+                                }
                             }
                         }
                     }
                 }
             }
         }
-        all.into_iter().min_by_key(|s| {
-            (
-                std::cmp::Reverse(s.w),
-                s.ndg,
-                s.traffic(nd),
-                s.registers(nd),
-            )
-        })
+        best
     }
 }
 
