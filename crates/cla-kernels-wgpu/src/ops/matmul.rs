@@ -764,9 +764,15 @@ impl GpuContext {
         w: &GpuTensor,
         y: &GpuTensor,
         s: &LinearShape,
-        ch: u32,
+        epilogue: Epilogue<'_>,
     ) -> Result<()> {
         let f16 = w.dtype == DType::F16;
+        let ch = wide_chunk(w.dtype);
+        let (acc, dual) = match epilogue {
+            Epilogue::Store => (false, None),
+            Epilogue::Add => (true, None),
+            Epilogue::SwiGlu(up) => (false, Some(up)),
+        };
         let key = PipelineKey {
             kernel: "matvec_wide",
             elems: vec![if f16 {
@@ -779,50 +785,128 @@ impl GpuContext {
                 ("rpw", MATVEC_VEC_RPW),
                 ("mb", MATVEC_MB),
                 ("u", MATVEC_VEC_UNROLL),
+                ("acc", u32::from(acc)),
+                ("dual", u32::from(dual.is_some())),
             ],
         };
-        let kernel = self.kernel(
-            key,
-            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
-            |name| {
-                // f16 weights are read as packed words whatever SHADER_F16 says: same bytes.
-                let decl = if f16 {
-                    "@group(0) @binding(2) var<storage, read> w: array<vec4<u32>>;\n\
-                     alias WRaw = vec4<u32>;\n\
-                     fn w_load(i: u32) -> WRaw { return w[i]; }\n\
-                     fn w_unpack(r: WRaw) -> array<vec4<f32>, 2> {\n\
+        let binds: &[Bind] = if dual.is_some() {
+            &[
+                Bind::Uniform,
+                Bind::Read,
+                Bind::Read,
+                Bind::ReadWrite,
+                Bind::Read,
+            ]
+        } else {
+            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite]
+        };
+        let kernel = self.kernel(key, binds, |name| {
+            // f16 weights are read as packed words whatever SHADER_F16 says: same bytes.
+            let (ty, unpack) = if f16 {
+                (
+                    "vec4<u32>",
+                    "fn w_unpack(r: WRaw) -> array<vec4<f32>, 2> {\n\
                          return array<vec4<f32>, 2>(vec4<f32>(unpack2x16float(r.x), unpack2x16float(r.y)),\n\
                                                    vec4<f32>(unpack2x16float(r.z), unpack2x16float(r.w)));\n\
-                     }"
-                } else {
-                    "@group(0) @binding(2) var<storage, read> w: array<vec4<f32>>;\n\
-                     alias WRaw = vec4<f32>;\n\
-                     fn w_load(i: u32) -> WRaw { return w[i]; }\n\
-                     fn w_unpack(r: WRaw) -> array<vec4<f32>, 2> { return array<vec4<f32>, 2>(r, vec4<f32>(0.0)); }"
-                };
-                render(
-                    name,
-                    MATVEC_VEC_SRC,
-                    &[
-                        ("W_DECL", decl.to_owned()),
-                        ("CH", ch.to_string()),
-                        ("TPR", MATVEC_VEC_TPR.to_string()),
-                        ("RPW", MATVEC_VEC_RPW.to_string()),
-                        ("MB", MATVEC_MB.to_string()),
-                        ("UNROLL", MATVEC_VEC_UNROLL.to_string()),
-                    ],
+                     }",
                 )
-            },
-        )?;
+            } else {
+                (
+                    "vec4<f32>",
+                    "fn w_unpack(r: WRaw) -> array<vec4<f32>, 2> { return array<vec4<f32>, 2>(r, vec4<f32>(0.0)); }",
+                )
+            };
+            let w2 = if dual.is_some() {
+                format!(
+                    "@group(0) @binding(4) var<storage, read> w2: array<{ty}>;\n\
+                     fn w2_load(i: u32) -> WRaw {{ return w2[i]; }}"
+                )
+            } else {
+                "fn w2_load(i: u32) -> WRaw { return WRaw(); }".to_owned()
+            };
+            let decl = format!(
+                "@group(0) @binding(2) var<storage, read> w: array<{ty}>;\n\
+                 alias WRaw = {ty};\n\
+                 fn w_load(i: u32) -> WRaw {{ return w[i]; }}\n\
+                 {unpack}\n{w2}"
+            );
+            render(
+                name,
+                MATVEC_VEC_SRC,
+                &[
+                    ("W_DECL", decl),
+                    ("CH", ch.to_string()),
+                    ("TPR", MATVEC_VEC_TPR.to_string()),
+                    ("RPW", MATVEC_VEC_RPW.to_string()),
+                    ("MB", MATVEC_MB.to_string()),
+                    ("UNROLL", MATVEC_VEC_UNROLL.to_string()),
+                    ("ACC", acc.to_string()),
+                    ("DUAL", dual.is_some().to_string()),
+                ],
+            )
+        })?;
         let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
         let (gx, gy) = self.grid((s.n as u64).div_ceil(u64::from(MATVEC_VEC_RPW)))?;
-        self.dispatch(
-            encoder,
-            &kernel,
-            &[params.as_entire_binding(), whole(x), whole(w), whole(y)],
-            (gx, gy, 1),
-        );
+        let mut entries = vec![params.as_entire_binding(), whole(x), whole(w), whole(y)];
+        entries.extend(dual.map(whole));
+        self.dispatch(encoder, &kernel, &entries, (gx, gy, 1));
         Ok(())
+    }
+
+    /// Whether `linear(x, w, ..)` with shape `s` takes the wide matrix-vector path, which
+    /// has the fused forms of [`GpuContext::linear_add`] and [`GpuContext::linear_swiglu`].
+    fn fusable(w: &GpuTensor, s: &LinearShape) -> bool {
+        s.m <= MATVEC_MAX_ROWS && s.k.is_multiple_of(wide_chunk(w.dtype) as usize)
+    }
+
+    /// `y += x · wᵀ`: a projection followed by a residual add, shapes as in
+    /// [`GpuContext::linear`]. Products of at most [`MATVEC_MAX_ROWS`] rows with `k` a
+    /// multiple of 8 (f16 weights) or 4 (f32) run as one matrix-vector dispatch that adds in
+    /// place; others run [`GpuContext::linear`] into `tmp` (the shape of `y`) and
+    /// [`GpuContext::add_assign`]. Same values either way.
+    pub fn linear_add(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        w: &GpuTensor,
+        y: &GpuTensor,
+        tmp: &GpuTensor,
+    ) -> Result<()> {
+        let s = linear_shape(x, w, y)?;
+        if Self::fusable(w, &s) {
+            self.check_binding("linear weight", w.byte_len() as u64)?;
+            return self.matvec_wide(encoder, x, w, y, &s, Epilogue::Add);
+        }
+        self.linear(encoder, x, w, tmp)?;
+        self.add_assign(encoder, y, tmp)
+    }
+
+    /// `out = silu(x · w_gateᵀ) * (x · w_upᵀ)`: SwiGLU with its two projections, shapes as
+    /// in [`GpuContext::linear`] (both weights `[inter, k]`). Where
+    /// [`GpuContext::linear_add`] fuses, and the two weights have one dtype, this is one
+    /// matrix-vector dispatch that reads both; otherwise two [`GpuContext::linear`]s into
+    /// `gate` and `up` (the shape of `out`) and [`GpuContext::swiglu`]. Same values either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear_swiglu(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        x: &GpuTensor,
+        w_gate: &GpuTensor,
+        w_up: &GpuTensor,
+        out: &GpuTensor,
+        gate: &GpuTensor,
+        up: &GpuTensor,
+    ) -> Result<()> {
+        let s = linear_shape(x, w_gate, out)?;
+        linear_shape(x, w_up, out)?;
+        if Self::fusable(w_gate, &s) && w_up.dtype == w_gate.dtype {
+            self.check_binding("linear weight", w_gate.byte_len() as u64)?;
+            self.check_binding("linear weight", w_up.byte_len() as u64)?;
+            return self.matvec_wide(encoder, x, w_gate, out, &s, Epilogue::SwiGlu(w_up));
+        }
+        self.linear(encoder, x, w_gate, gate)?;
+        self.linear(encoder, x, w_up, up)?;
+        self.swiglu(encoder, gate, up, out)
     }
 
     /// Matrix-vector `y = x · wᵀ` for few rows (any `m` works; weights are re-read every
@@ -837,9 +921,8 @@ impl GpuContext {
         let s = linear_shape(x, w, y)?;
         self.check_binding("linear weight", w.byte_len() as u64)?;
         // Wide loads when every weight row starts on a 16-byte boundary.
-        let ch = if w.dtype == DType::F16 { 8 } else { 4 };
-        if s.k.is_multiple_of(ch) {
-            return self.matvec_wide(encoder, x, w, y, &s, ch as u32);
+        if s.k.is_multiple_of(wide_chunk(w.dtype) as usize) {
+            return self.matvec_wide(encoder, x, w, y, &s, Epilogue::Store);
         }
         let st = self.elem_storage(w.dtype)?;
         let pairs = s.k.is_multiple_of(2);
@@ -881,6 +964,20 @@ impl GpuContext {
         );
         Ok(())
     }
+}
+
+/// Weights per 16-byte chunk of the wide matrix-vector kernel.
+fn wide_chunk(dtype: DType) -> u32 {
+    if dtype == DType::F16 { 8 } else { 4 }
+}
+
+/// What the wide matrix-vector kernel does with each result (`shaders/matvec_vec.wgsl`):
+/// store it, add it to `y`, or, given the up projection's weights, store silu(it) * up.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    Store,
+    Add,
+    SwiGlu(&'a GpuTensor),
 }
 
 /// Bindings 1 (x) and 2 (w) of the register-tiled matmul with their vec4 loaders. With
@@ -983,6 +1080,45 @@ mod tests {
                     c.submit_and_wait(enc).unwrap();
                     assert_close(&format!("linear kernel {which} f16={f16}"), &c.read_f32(&y).unwrap(), &reference, 1e-5);
                 }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(cases(16))]
+        /// The fused projection epilogues (a residual add; SwiGLU over two projections)
+        /// against the CPU arithmetic, on both sides of the matrix-vector row limit (fused
+        /// below it, separate dispatches above) and for `k` that does and does not allow the
+        /// wide kernel; the fused SwiGLU output starts poisoned, the residual from values.
+        #[test]
+        fn fused_linear_epilogues_match_cpu(m in 1usize..12, n in 1usize..90,
+                                            k in prop_oneof![1usize..60, (1usize..24).prop_map(|k| 8 * k)],
+                                            f16 in any::<bool>(), seed: u64) {
+            for c in both_ctx() {
+                let x = values(seed, m * k);
+                let (mut wg, mut wu) = (values(seed ^ 7, n * k), values(seed ^ 9, n * k));
+                if f16 {
+                    wg = round_f16(&wg);
+                    wu = round_f16(&wu);
+                }
+                let up = |w: &[f32]| if f16 { c.upload_f32_as_f16(w, &[n, k]).unwrap() } else { c.upload_f32(w, &[n, k]).unwrap() };
+                let (twg, twu) = (up(&wg), up(&wu));
+                let tx = c.upload_f32(&x, &[m, k]).unwrap();
+                let y0 = values(seed ^ 11, m * n);
+                let ty = c.upload_f32(&y0, &[m, n]).unwrap();
+                let act = c.create_tensor(&[m, n], crate::DType::F32, "act").unwrap();
+                c.fill_u32_pattern(&act, POISON);
+                let [t1, t2, t3] = [(); 3].map(|()| c.create_tensor(&[m, n], crate::DType::F32, "tmp").unwrap());
+                let mut enc = c.encoder();
+                c.linear_add(&mut enc, &tx, &twg, &ty, &t1).unwrap();
+                c.linear_swiglu(&mut enc, &tx, &twg, &twu, &act, &t2, &t3).unwrap();
+                c.submit_and_wait(enc).unwrap();
+                let (g, u) = (reference(&x, &wg, m, n, k), reference(&x, &wu, m, n, k));
+                let added: Vec<f32> = y0.iter().zip(&g).map(|(a, b)| a + b).collect();
+                let swiglu: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+                let what = format!("{m}x{n}x{k} f16={f16}");
+                assert_close(&format!("linear_add {what}"), &c.read_f32(&ty).unwrap(), &added, 1e-5);
+                assert_close(&format!("linear_swiglu {what}"), &c.read_f32(&act).unwrap(), &swiglu, 1e-5);
             }
         }
     }

@@ -7,8 +7,16 @@
 // rows share a workgroup, and each weight chunk is applied to up to MB activation rows. The
 // TPR partial sums of a row are added by one thread from workgroup memory (one barrier).
 //
-// Placeholders (written in double braces below): W_DECL (binding 2 with w_chunk(row, c)
-// returning the chunk as two vec4<f32>, the second zero for f32), CH, TPR, RPW, MB, UNROLL.
+// Two fused forms save the decoder a dispatch each (the values are those of the plain product
+// and the separate elementwise op, in the same order of additions):
+// - ACC: y[b, n] += the product (a residual add);
+// - DUAL: a second weight matrix w2 of the same shape (binding 4) is applied to the same
+//   chunks, and y[b, n] = silu(x . w[n]) * (x . w2[n]) (SwiGLU's gate and up projections).
+//
+// Placeholders (written in double braces below): W_DECL (binding 2 with `WRaw`, w_load(i) and
+// w_unpack(raw) giving the chunk as two vec4<f32>, the second zero for f32; with DUAL also
+// binding 4 and w2_load(i), else a w2_load that is never called), CH, TPR, RPW, MB, UNROLL,
+// ACC, DUAL.
 
 struct Params {
     m: u32,
@@ -27,9 +35,18 @@ const TPR: u32 = {{TPR}}u;
 const RPW: u32 = {{RPW}}u;
 const MB: u32 = {{MB}}u;
 const UNROLL: u32 = {{UNROLL}}u;
+const ACC: bool = {{ACC}};
+const DUAL: bool = {{DUAL}};
 const WG: u32 = TPR * RPW;
+// Sums per activation row and thread: one, or two with DUAL.
+const NS: u32 = select(1u, 2u, DUAL);
 
-var<workgroup> red: array<f32, MB * WG>;
+var<workgroup> red: array<f32, NS * MB * WG>;
+
+fn silu(v: f32) -> f32 {
+    // As in elementwise.wgsl.
+    return v / (1.0 + exp(-v));
+}
 
 @compute @workgroup_size(WG)
 fn main(
@@ -45,19 +62,25 @@ fn main(
     let k4 = p.k / 4u;
     for (var b0 = 0u; b0 < p.m; b0 += MB) {
         var acc: array<f32, MB>;
+        var acc2: array<f32, MB>;
         if (valid) {
             for (var c0 = t; c0 < nch; c0 += TPR * UNROLL) {
                 var wr: array<WRaw, UNROLL>;
+                var wr2: array<WRaw, UNROLL>;
                 for (var u = 0u; u < UNROLL; u++) {
                     let c = c0 + u * TPR;
                     if (c < nch) {
                         wr[u] = w_load(row * nch + c);
+                        if (DUAL) {
+                            wr2[u] = w2_load(row * nch + c);
+                        }
                     }
                 }
                 for (var u = 0u; u < UNROLL; u++) {
                     let c = c0 + u * TPR;
                     if (c < nch) {
                         let wv = w_unpack(wr[u]);
+                        let wv2 = w_unpack(wr2[u]);
                         for (var b = 0u; b < MB; b++) {
                             if (b0 + b < p.m) {
                                 let xi = (b0 + b) * k4 + c * (CH / 4u);
@@ -66,6 +89,13 @@ fn main(
                                     s += dot(wv[1], x[xi + 1u]);
                                 }
                                 acc[b] += s;
+                                if (DUAL) {
+                                    var s2 = dot(wv2[0], x[xi]);
+                                    if (CH == 8u) {
+                                        s2 += dot(wv2[1], x[xi + 1u]);
+                                    }
+                                    acc2[b] += s2;
+                                }
                             }
                         }
                     }
@@ -74,17 +104,33 @@ fn main(
         }
         for (var b = 0u; b < MB; b++) {
             red[b * WG + lid] = acc[b];
+            if (DUAL) {
+                red[(MB + b) * WG + lid] = acc2[b];
+            }
         }
         workgroupBarrier();
         if (lid < RPW * MB) {
             let r = lid / MB;
             let b = lid % MB;
             var s = 0.0;
+            var s2 = 0.0;
             for (var j = 0u; j < TPR; j++) {
                 s += red[b * WG + r * TPR + j];
+                if (DUAL) {
+                    s2 += red[(MB + b) * WG + r * TPR + j];
+                }
             }
             if (row0 + r < p.n && b0 + b < p.m) {
-                y[(b0 + b) * p.n + row0 + r] = s;
+                let i = (b0 + b) * p.n + row0 + r;
+                var v = s;
+                if (DUAL) {
+                    v = silu(s) * s2;
+                }
+                if (ACC) {
+                    y[i] += v;
+                } else {
+                    y[i] = v;
+                }
             }
         }
         workgroupBarrier();

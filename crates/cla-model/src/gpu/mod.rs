@@ -565,9 +565,9 @@ impl GpuDecoder {
         } else {
             ctx.attention_prefill(enc, &q, cur.batch, &pool, &a)?;
         }
-        let o = view(&ws.tmp, &[n, hid]);
-        ctx.linear(enc, &view(&a, &[n, heads * d]), &w.o_proj, &o)?;
-        ctx.add_assign(enc, x, &o)?;
+        // x += o_proj(a); at decode sizes one dispatch (see `linear_add`).
+        let tmp = view(&ws.tmp, &[n, hid]);
+        ctx.linear_add(enc, &view(&a, &[n, heads * d]), &w.o_proj, x, &tmp)?;
 
         let gn = view(&ws.h, &[n, hid]);
         ctx.rms_norm(enc, x, &w.post_attention_norm, &gn, eps)?;
@@ -577,12 +577,8 @@ impl GpuDecoder {
             view(&ws.up, &[n, inter]),
             view(&ws.act, &[n, inter]),
         );
-        ctx.linear(enc, &gn, &w.gate_proj, &gate)?;
-        ctx.linear(enc, &gn, &w.up_proj, &up)?;
-        ctx.swiglu(enc, &gate, &up, &act)?;
-        let down = view(&ws.tmp, &[n, hid]);
-        ctx.linear(enc, &act, &w.down_proj, &down)?;
-        ctx.add_assign(enc, x, &down)?;
+        ctx.linear_swiglu(enc, &gn, &w.gate_proj, &w.up_proj, &act, &gate, &up)?;
+        ctx.linear_add(enc, &act, &w.down_proj, x, &tmp)?;
         Ok(())
     }
 }
