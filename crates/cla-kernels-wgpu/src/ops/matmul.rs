@@ -10,7 +10,11 @@
 //!   [`CoopVariant::for_shape`] picking the one serving [`GpuContext::linear`];
 //! - the older shared-memory tiled matmul (`shaders/matmul.wgsl`, [`MatmulTile::T4`] / `T8`);
 //! - a matrix-vector product for decode (`shaders/matvec*.wgsl`, a few rows, bound by reading
-//!   the weights once).
+//!   the weights once), whose wide form also runs the decoder's fused projections:
+//!   [`GpuContext::linear_from`] (RMSNorm of the input inside the projection, [`ProjInput`]),
+//!   [`GpuContext::linear_add`] (a residual add in place) and [`GpuContext::linear_swiglu`]
+//!   (gate and up projections and SwiGLU in one dispatch); they fall back to separate
+//!   dispatches where the product does not take that kernel ([`GpuContext::linear_fuses`]).
 //!
 //! [`GpuContext::linear`] picks: matvec up to [`MATVEC_MAX_ROWS`] rows, else the
 //! cooperative-matrix kernel when available (f16 weights, `k` a multiple of 8), else R64.
@@ -46,11 +50,24 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 ";
 const MATVEC_SRC: &str = include_str!("../shaders/matvec.wgsl");
 const MATVEC_VEC_SRC: &str = include_str!("../shaders/matvec_vec.wgsl");
-/// Wide-load matvec: one subgroup-sized team of lanes per weight row (32 lanes x 16 bytes =
-/// 512 contiguous bytes per step), 8 rows per workgroup, 4 loads in flight per lane.
-const MATVEC_VEC_TPR: u32 = 32;
-const MATVEC_VEC_RPW: u32 = 8;
+/// Wide-load matvec: a team of lanes per weight row (consecutive lanes read consecutive 16-byte
+/// chunks), [`MATVEC_VEC_WG`] threads per workgroup, 4 loads in flight per lane; see
+/// [`matvec_tpr`] for the team size.
+const MATVEC_VEC_WG: u32 = 256;
 const MATVEC_VEC_UNROLL: u32 = 4;
+
+/// Lanes per weight row of the wide matvec for rows of `chunks` 16-byte chunks: about 8
+/// chunks per lane (two rounds of [`MATVEC_VEC_UNROLL`] loads), 32 to 128 lanes. Swept on the
+/// H200 (the 1B-class preset's projections and larger, k = 2048-14336; 16, 32, 64 and 128
+/// lanes; 8 loads in flight were 1.1-2.5x slower): for f32 weights the rule's choice is the
+/// fastest or within 2% of it (up to 31% faster than the 32 lanes used before); for f16
+/// weights it is within 4% of the fastest of 32, 64 and 128 lanes except at k = 4096, where
+/// its 64 lanes are 8% (one row) and 11% (eight rows) slower than 32.
+fn matvec_tpr(chunks: usize) -> u32 {
+    let per_eight = (chunks / 8).max(1);
+    // The largest power of two not above chunks / 8, within 32..=128.
+    (1u32 << per_eight.ilog2()).clamp(32, 128)
+}
 
 /// Activation rows up to which [`GpuContext::linear`] uses the matrix-vector kernel: the
 /// matvec applies each weight to `MATVEC_MB` rows per pass, so up to that many rows it reads
@@ -757,10 +774,12 @@ impl GpuContext {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn matvec_wide(
         &self,
         encoder: &mut wgpu::CommandEncoder,
         x: &GpuTensor,
+        norm: Option<(&GpuTensor, f32)>,
         w: &GpuTensor,
         y: &GpuTensor,
         s: &LinearShape,
@@ -768,6 +787,8 @@ impl GpuContext {
     ) -> Result<()> {
         let f16 = w.dtype == DType::F16;
         let ch = wide_chunk(w.dtype);
+        let tpr = matvec_tpr(s.k / ch as usize);
+        let rpw = MATVEC_VEC_WG / tpr;
         let (acc, dual) = match epilogue {
             Epilogue::Store => (false, None),
             Epilogue::Add => (true, None),
@@ -781,26 +802,24 @@ impl GpuContext {
                 crate::ElemStorage::F32
             }],
             params: vec![
-                ("tpr", MATVEC_VEC_TPR),
-                ("rpw", MATVEC_VEC_RPW),
+                ("tpr", tpr),
+                ("rpw", rpw),
                 ("mb", MATVEC_MB),
                 ("u", MATVEC_VEC_UNROLL),
                 ("acc", u32::from(acc)),
                 ("dual", u32::from(dual.is_some())),
+                ("norm", u32::from(norm.is_some())),
             ],
         };
-        let binds: &[Bind] = if dual.is_some() {
-            &[
-                Bind::Uniform,
-                Bind::Read,
-                Bind::Read,
-                Bind::ReadWrite,
-                Bind::Read,
-            ]
-        } else {
-            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite]
-        };
-        let kernel = self.kernel(key, binds, |name| {
+        // Bindings 4 (w2) and 5 (the norm's scale) only where used.
+        let mut binds = vec![Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite];
+        if dual.is_some() || norm.is_some() {
+            binds.push(Bind::Read);
+        }
+        if norm.is_some() {
+            binds.push(Bind::Read);
+        }
+        let kernel = self.kernel(key, &binds, |name| {
             // f16 weights are read as packed words whatever SHADER_F16 says: same bytes.
             let (ty, unpack) = if f16 {
                 (
@@ -816,7 +835,9 @@ impl GpuContext {
                     "fn w_unpack(r: WRaw) -> array<vec4<f32>, 2> { return array<vec4<f32>, 2>(r, vec4<f32>(0.0)); }",
                 )
             };
-            let w2 = if dual.is_some() {
+            // Without DUAL, a NORM kernel still has a binding 4 (`w` again) so that the
+            // scale is always binding 5.
+            let w2 = if dual.is_some() || norm.is_some() {
                 format!(
                     "@group(0) @binding(4) var<storage, read> w2: array<{ty}>;\n\
                      fn w2_load(i: u32) -> WRaw {{ return w2[i]; }}"
@@ -824,11 +845,17 @@ impl GpuContext {
             } else {
                 "fn w2_load(i: u32) -> WRaw { return WRaw(); }".to_owned()
             };
+            let g = if norm.is_some() {
+                "@group(0) @binding(5) var<storage, read> g: array<vec4<f32>>;\n\
+                 fn g_load(i: u32) -> vec4<f32> { return g[i]; }"
+            } else {
+                "fn g_load(i: u32) -> vec4<f32> { return vec4<f32>(1.0); }"
+            };
             let decl = format!(
                 "@group(0) @binding(2) var<storage, read> w: array<{ty}>;\n\
                  alias WRaw = {ty};\n\
                  fn w_load(i: u32) -> WRaw {{ return w[i]; }}\n\
-                 {unpack}\n{w2}"
+                 {unpack}\n{w2}\n{g}"
             );
             render(
                 name,
@@ -836,27 +863,94 @@ impl GpuContext {
                 &[
                     ("W_DECL", decl),
                     ("CH", ch.to_string()),
-                    ("TPR", MATVEC_VEC_TPR.to_string()),
-                    ("RPW", MATVEC_VEC_RPW.to_string()),
+                    ("TPR", tpr.to_string()),
+                    ("RPW", rpw.to_string()),
                     ("MB", MATVEC_MB.to_string()),
                     ("UNROLL", MATVEC_VEC_UNROLL.to_string()),
                     ("ACC", acc.to_string()),
                     ("DUAL", dual.is_some().to_string()),
+                    ("NORM", norm.is_some().to_string()),
                 ],
             )
         })?;
-        let params = self.uniform(&[u32_of("m", s.m)?, u32_of("n", s.n)?, u32_of("k", s.k)?]);
-        let (gx, gy) = self.grid((s.n as u64).div_ceil(u64::from(MATVEC_VEC_RPW)))?;
+        let eps = norm.map_or(0.0, |(_, eps)| eps);
+        let params = self.uniform(&[
+            u32_of("m", s.m)?,
+            u32_of("n", s.n)?,
+            u32_of("k", s.k)?,
+            eps.to_bits(),
+        ]);
+        let (gx, gy) = self.grid((s.n as u64).div_ceil(u64::from(rpw)))?;
         let mut entries = vec![params.as_entire_binding(), whole(x), whole(w), whole(y)];
-        entries.extend(dual.map(whole));
+        if dual.is_some() || norm.is_some() {
+            entries.push(whole(dual.unwrap_or(w)));
+        }
+        entries.extend(norm.map(|(g, _)| whole(g)));
         self.dispatch(encoder, &kernel, &entries, (gx, gy, 1));
         Ok(())
     }
 
-    /// Whether `linear(x, w, ..)` with shape `s` takes the wide matrix-vector path, which
-    /// has the fused forms of [`GpuContext::linear_add`] and [`GpuContext::linear_swiglu`].
-    fn fusable(w: &GpuTensor, s: &LinearShape) -> bool {
-        s.m <= MATVEC_MAX_ROWS && s.k.is_multiple_of(wide_chunk(w.dtype) as usize)
+    /// Whether a projection of `rows` activation rows through `w` (`[n, k]`) runs as the
+    /// wide matrix-vector kernel, where [`GpuContext::linear_from`],
+    /// [`GpuContext::linear_add`] and [`GpuContext::linear_swiglu`] fuse their extra work:
+    /// at most [`MATVEC_MAX_ROWS`] rows and `k` a multiple of 8 (f16 weights) or 4 (f32).
+    pub fn linear_fuses(&self, rows: usize, w: &GpuTensor) -> bool {
+        rows <= MATVEC_MAX_ROWS
+            && w.shape.len() == 2
+            && w.shape[1].is_multiple_of(wide_chunk(w.dtype) as usize)
+    }
+
+    /// The activations and, when the norm runs inside the kernel (`fuses` says whether the
+    /// projection fuses, given the rows), its scale and eps; a norm that does not is
+    /// recorded here (into the input's `tmp`).
+    fn resolve<'a>(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        input: ProjInput<'a>,
+        fuses: impl Fn(usize) -> bool,
+    ) -> Result<(&'a GpuTensor, Option<(&'a GpuTensor, f32)>)> {
+        match input {
+            ProjInput::Plain(x) => Ok((x, None)),
+            ProjInput::Normed {
+                x,
+                weight,
+                eps,
+                tmp,
+            } => {
+                let k = x.shape.last().copied().unwrap_or(0);
+                let rows = x.numel().checked_div(k).unwrap_or(0);
+                if fuses(rows) && weight.dtype == DType::F32 {
+                    ensure_arg!(
+                        eps.is_finite() && eps >= 0.0,
+                        "rms_norm: eps must be finite and >= 0, got {eps}"
+                    );
+                    expect(weight, "rms_norm weight", DType::F32, k)?;
+                    Ok((x, Some((weight, eps))))
+                } else {
+                    self.rms_norm(encoder, x, weight, tmp, eps)?;
+                    Ok((tmp, None))
+                }
+            }
+        }
+    }
+
+    /// `y = input · wᵀ`, shapes as in [`GpuContext::linear`], where the input may be
+    /// RMSNorm of `x` ([`ProjInput::Normed`]): computed inside the projection where it fuses
+    /// (see [`GpuContext::linear_fuses`]), else by [`GpuContext::rms_norm`] first.
+    pub fn linear_from(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        input: ProjInput<'_>,
+        w: &GpuTensor,
+        y: &GpuTensor,
+    ) -> Result<()> {
+        let (x, norm) = self.resolve(encoder, input, |rows| self.linear_fuses(rows, w))?;
+        let s = linear_shape(x, w, y)?;
+        if norm.is_some() {
+            self.check_binding("linear weight", w.byte_len() as u64)?;
+            return self.matvec_wide(encoder, x, norm, w, y, &s, Epilogue::Store);
+        }
+        self.linear(encoder, x, w, y)
     }
 
     /// `y += x · wᵀ`: a projection followed by a residual add, shapes as in
@@ -873,36 +967,40 @@ impl GpuContext {
         tmp: &GpuTensor,
     ) -> Result<()> {
         let s = linear_shape(x, w, y)?;
-        if Self::fusable(w, &s) {
+        if self.linear_fuses(s.m, w) {
             self.check_binding("linear weight", w.byte_len() as u64)?;
-            return self.matvec_wide(encoder, x, w, y, &s, Epilogue::Add);
+            return self.matvec_wide(encoder, x, None, w, y, &s, Epilogue::Add);
         }
         self.linear(encoder, x, w, tmp)?;
         self.add_assign(encoder, y, tmp)
     }
 
-    /// `out = silu(x · w_gateᵀ) * (x · w_upᵀ)`: SwiGLU with its two projections, shapes as
-    /// in [`GpuContext::linear`] (both weights `[inter, k]`). Where
-    /// [`GpuContext::linear_add`] fuses, and the two weights have one dtype, this is one
-    /// matrix-vector dispatch that reads both; otherwise two [`GpuContext::linear`]s into
-    /// `gate` and `up` (the shape of `out`) and [`GpuContext::swiglu`]. Same values either way.
+    /// `out = silu(input · w_gateᵀ) * (input · w_upᵀ)`: SwiGLU with its two projections,
+    /// shapes as in [`GpuContext::linear`] (both weights `[inter, k]`), the input as in
+    /// [`GpuContext::linear_from`]. Where the projection fuses ([`GpuContext::linear_fuses`])
+    /// and the two weights have one dtype, this is one matrix-vector dispatch that reads both
+    /// (and computes the norm); otherwise two [`GpuContext::linear`]s into `gate` and `up`
+    /// (the shape of `out`) and [`GpuContext::swiglu`].
     #[allow(clippy::too_many_arguments)]
     pub fn linear_swiglu(
         &self,
         encoder: &mut wgpu::CommandEncoder,
-        x: &GpuTensor,
+        input: ProjInput<'_>,
         w_gate: &GpuTensor,
         w_up: &GpuTensor,
         out: &GpuTensor,
         gate: &GpuTensor,
         up: &GpuTensor,
     ) -> Result<()> {
+        let fuses = |rows| self.linear_fuses(rows, w_gate) && w_up.dtype == w_gate.dtype;
+        let (x, norm) = self.resolve(encoder, input, fuses)?;
         let s = linear_shape(x, w_gate, out)?;
         linear_shape(x, w_up, out)?;
-        if Self::fusable(w_gate, &s) && w_up.dtype == w_gate.dtype {
+        if fuses(s.m) {
             self.check_binding("linear weight", w_gate.byte_len() as u64)?;
             self.check_binding("linear weight", w_up.byte_len() as u64)?;
-            return self.matvec_wide(encoder, x, w_gate, out, &s, Epilogue::SwiGlu(w_up));
+            let epilogue = Epilogue::SwiGlu(w_up);
+            return self.matvec_wide(encoder, x, norm, w_gate, out, &s, epilogue);
         }
         self.linear(encoder, x, w_gate, gate)?;
         self.linear(encoder, x, w_up, up)?;
@@ -922,7 +1020,7 @@ impl GpuContext {
         self.check_binding("linear weight", w.byte_len() as u64)?;
         // Wide loads when every weight row starts on a 16-byte boundary.
         if s.k.is_multiple_of(wide_chunk(w.dtype) as usize) {
-            return self.matvec_wide(encoder, x, w, y, &s, Epilogue::Store);
+            return self.matvec_wide(encoder, x, None, w, y, &s, Epilogue::Store);
         }
         let st = self.elem_storage(w.dtype)?;
         let pairs = s.k.is_multiple_of(2);
@@ -969,6 +1067,24 @@ impl GpuContext {
 /// Weights per 16-byte chunk of the wide matrix-vector kernel.
 fn wide_chunk(dtype: DType) -> u32 {
     if dtype == DType::F16 { 8 } else { 4 }
+}
+
+/// The activations a projection reads ([`GpuContext::linear_from`],
+/// [`GpuContext::linear_swiglu`]).
+#[derive(Debug, Clone, Copy)]
+pub enum ProjInput<'a> {
+    /// `x` (`[m, k]`, f32) as is.
+    Plain(&'a GpuTensor),
+    /// RMSNorm of `x` with scale `weight` (`[k]`) and `eps`, as [`GpuContext::rms_norm`]
+    /// computes it. Where the projection fuses ([`GpuContext::linear_fuses`]) and the scale
+    /// is f32, the norm runs inside the projection; otherwise it is written to `tmp` (the
+    /// shape of `x`) first.
+    Normed {
+        x: &'a GpuTensor,
+        weight: &'a GpuTensor,
+        eps: f32,
+        tmp: &'a GpuTensor,
+    },
 }
 
 /// What the wide matrix-vector kernel does with each result (`shaders/matvec_vec.wgsl`):
@@ -1086,41 +1202,173 @@ mod tests {
 
     proptest! {
         #![proptest_config(cases(16))]
-        /// The fused projection epilogues (a residual add; SwiGLU over two projections)
-        /// against the CPU arithmetic, on both sides of the matrix-vector row limit (fused
-        /// below it, separate dispatches above) and for `k` that does and does not allow the
-        /// wide kernel; the fused SwiGLU output starts poisoned, the residual from values.
+        /// The fused projections (RMSNorm of the input; a residual add; SwiGLU over two
+        /// projections) against the CPU arithmetic, on both sides of the matrix-vector row
+        /// limit (fused below it, separate dispatches above), for `k` that does and does not
+        /// allow the wide kernel, and with an f16 norm scale (never fused); the outputs start
+        /// poisoned, the residual from values.
         #[test]
-        fn fused_linear_epilogues_match_cpu(m in 1usize..12, n in 1usize..90,
-                                            k in prop_oneof![1usize..60, (1usize..24).prop_map(|k| 8 * k)],
-                                            f16 in any::<bool>(), seed: u64) {
+        fn fused_projections_match_cpu(m in 1usize..12, n in 1usize..90,
+                                       k in prop_oneof![1usize..60, (1usize..24).prop_map(|k| 8 * k)],
+                                       f16 in any::<bool>(), f16_scale in any::<bool>(), seed: u64) {
             for c in both_ctx() {
-                let x = values(seed, m * k);
+                let x: Vec<f32> = values(seed, m * k).iter().map(|v| v * 3.0).collect();
                 let (mut wg, mut wu) = (values(seed ^ 7, n * k), values(seed ^ 9, n * k));
+                let mut scale: Vec<f32> = values(seed ^ 13, k).iter().map(|v| 1.0 + v).collect();
                 if f16 {
                     wg = round_f16(&wg);
                     wu = round_f16(&wu);
                 }
-                let up = |w: &[f32]| if f16 { c.upload_f32_as_f16(w, &[n, k]).unwrap() } else { c.upload_f32(w, &[n, k]).unwrap() };
-                let (twg, twu) = (up(&wg), up(&wu));
+                if f16_scale {
+                    scale = round_f16(&scale);
+                }
+                let eps = 1e-5f32;
+                let up = |w: &[f32], shape: &[usize], half: bool| if half { c.upload_f32_as_f16(w, shape).unwrap() } else { c.upload_f32(w, shape).unwrap() };
+                let (twg, twu) = (up(&wg, &[n, k], f16), up(&wu, &[n, k], f16));
+                let tscale = up(&scale, &[k], f16_scale);
                 let tx = c.upload_f32(&x, &[m, k]).unwrap();
                 let y0 = values(seed ^ 11, m * n);
                 let ty = c.upload_f32(&y0, &[m, n]).unwrap();
-                let act = c.create_tensor(&[m, n], crate::DType::F32, "act").unwrap();
-                c.fill_u32_pattern(&act, POISON);
+                let out = |name| {
+                    let t = c.create_tensor(&[m, n], crate::DType::F32, name).unwrap();
+                    c.fill_u32_pattern(&t, POISON);
+                    t
+                };
+                let (act, act_n, proj_n) = (out("act"), out("act normed"), out("proj normed"));
                 let [t1, t2, t3] = [(); 3].map(|()| c.create_tensor(&[m, n], crate::DType::F32, "tmp").unwrap());
+                let xt = c.create_tensor(&[m, k], crate::DType::F32, "normed x").unwrap();
+                let normed = super::ProjInput::Normed { x: &tx, weight: &tscale, eps, tmp: &xt };
                 let mut enc = c.encoder();
                 c.linear_add(&mut enc, &tx, &twg, &ty, &t1).unwrap();
-                c.linear_swiglu(&mut enc, &tx, &twg, &twu, &act, &t2, &t3).unwrap();
+                c.linear_swiglu(&mut enc, super::ProjInput::Plain(&tx), &twg, &twu, &act, &t2, &t3).unwrap();
+                c.linear_swiglu(&mut enc, normed, &twg, &twu, &act_n, &t2, &t3).unwrap();
+                c.linear_from(&mut enc, normed, &twg, &proj_n).unwrap();
                 c.submit_and_wait(enc).unwrap();
+
+                // RMSNorm as the CPU decoder computes it, in f64.
+                let xn: Vec<f32> = x.chunks(k).flat_map(|r| {
+                    let ms = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / k as f64;
+                    let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                    r.iter().zip(&scale).map(move |(&v, &g)| (f64::from(v) * inv * f64::from(g)) as f32)
+                }).collect();
+                let swiglu = |g: &[f32], u: &[f32]| -> Vec<f32> { g.iter().zip(u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect() };
                 let (g, u) = (reference(&x, &wg, m, n, k), reference(&x, &wu, m, n, k));
+                let (gn, un) = (reference(&xn, &wg, m, n, k), reference(&xn, &wu, m, n, k));
                 let added: Vec<f32> = y0.iter().zip(&g).map(|(a, b)| a + b).collect();
-                let swiglu: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-                let what = format!("{m}x{n}x{k} f16={f16}");
-                assert_close(&format!("linear_add {what}"), &c.read_f32(&ty).unwrap(), &added, 1e-5);
-                assert_close(&format!("linear_swiglu {what}"), &c.read_f32(&act).unwrap(), &swiglu, 1e-5);
+                let what = format!("{m}x{n}x{k} f16={f16} f16_scale={f16_scale}");
+                // Above the matrix-vector rows, f16 weights may take the tensor-core matmul,
+                // which rounds the activations to f16.
+                let tol = if m > super::MATVEC_MAX_ROWS && f16 && k % 8 == 0 && c.coopmat_f16_available() { 2e-3 } else { 1e-5 };
+                assert_close(&format!("linear_add {what}"), &c.read_f32(&ty).unwrap(), &added, tol);
+                assert_close(&format!("linear_swiglu {what}"), &c.read_f32(&act).unwrap(), &swiglu(&g, &u), tol);
+                assert_close(&format!("linear_swiglu normed {what}"), &c.read_f32(&act_n).unwrap(), &swiglu(&gn, &un), tol);
+                assert_close(&format!("linear_from normed {what}"), &c.read_f32(&proj_n).unwrap(), &gn, tol);
             }
         }
+    }
+
+    /// The wide matrix-vector kernel with every lane count it picks (32, 64 and 128 lanes per
+    /// weight row, from the row length), plain and fused, against the CPU arithmetic.
+    #[test]
+    fn wide_matvec_lane_counts_match_cpu() {
+        let (n, eps) = (37, 1e-5f32);
+        // (k, f16): f32 rows of 8 KiB (64 lanes) and 16 KiB (128), f16 rows of 4 KiB (32),
+        // 8 KiB (64) and 16 KiB (128).
+        for (k, f16) in [
+            (2048, false),
+            (4104, false),
+            (2048, true),
+            (4096, true),
+            (8200, true),
+        ] {
+            let ch = if f16 { 8 } else { 4 };
+            let lanes = super::matvec_tpr(k / ch);
+            for c in both_ctx() {
+                for m in [1usize, 3] {
+                    let x = values(k as u64 + m as u64, m * k);
+                    let mut w = values(5, n * k);
+                    let mut w2 = values(6, n * k);
+                    if f16 {
+                        w = round_f16(&w);
+                        w2 = round_f16(&w2);
+                    }
+                    let scale: Vec<f32> = values(7, k).iter().map(|v| 1.0 + v).collect();
+                    let up = |v: &[f32]| {
+                        if f16 {
+                            c.upload_f32_as_f16(v, &[n, k]).unwrap()
+                        } else {
+                            c.upload_f32(v, &[n, k]).unwrap()
+                        }
+                    };
+                    let (tw, tw2) = (up(&w), up(&w2));
+                    let tx = c.upload_f32(&x, &[m, k]).unwrap();
+                    let tscale = c.upload_f32(&scale, &[k]).unwrap();
+                    let xt = c
+                        .create_tensor(&[m, k], crate::DType::F32, "normed x")
+                        .unwrap();
+                    let outs = [(); 3].map(|()| {
+                        let t = c.create_tensor(&[m, n], crate::DType::F32, "y").unwrap();
+                        c.fill_u32_pattern(&t, POISON);
+                        t
+                    });
+                    let [t1, t2] = [(); 2]
+                        .map(|()| c.create_tensor(&[m, n], crate::DType::F32, "tmp").unwrap());
+                    let normed = super::ProjInput::Normed {
+                        x: &tx,
+                        weight: &tscale,
+                        eps,
+                        tmp: &xt,
+                    };
+                    let mut enc = c.encoder();
+                    c.linear(&mut enc, &tx, &tw, &outs[0]).unwrap();
+                    c.linear_from(&mut enc, normed, &tw, &outs[1]).unwrap();
+                    c.linear_swiglu(&mut enc, normed, &tw, &tw2, &outs[2], &t1, &t2)
+                        .unwrap();
+                    c.submit_and_wait(enc).unwrap();
+                    let xn: Vec<f32> = x
+                        .chunks(k)
+                        .flat_map(|r| {
+                            let ms = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>()
+                                / k as f64;
+                            let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                            r.iter()
+                                .zip(&scale)
+                                .map(move |(&v, &g)| (f64::from(v) * inv * f64::from(g)) as f32)
+                        })
+                        .collect();
+                    let (g, u) = (reference(&xn, &w, m, n, k), reference(&xn, &w2, m, n, k));
+                    let swiglu: Vec<f32> = g
+                        .iter()
+                        .zip(&u)
+                        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+                        .collect();
+                    let what = format!("{m}x{n}x{k} f16={f16} ({lanes} lanes)");
+                    assert_close(
+                        &format!("matvec {what}"),
+                        &c.read_f32(&outs[0]).unwrap(),
+                        &reference(&x, &w, m, n, k),
+                        1e-5,
+                    );
+                    assert_close(
+                        &format!("normed {what}"),
+                        &c.read_f32(&outs[1]).unwrap(),
+                        &g,
+                        1e-5,
+                    );
+                    assert_close(
+                        &format!("swiglu {what}"),
+                        &c.read_f32(&outs[2]).unwrap(),
+                        &swiglu,
+                        1e-5,
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            [512, 1026, 256, 512, 1025].map(super::matvec_tpr),
+            [64, 128, 32, 64, 128],
+            "the lane counts this test means to cover"
+        );
     }
 
     proptest! {

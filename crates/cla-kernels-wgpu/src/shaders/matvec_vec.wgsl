@@ -7,22 +7,26 @@
 // rows share a workgroup, and each weight chunk is applied to up to MB activation rows. The
 // TPR partial sums of a row are added by one thread from workgroup memory (one barrier).
 //
-// Two fused forms save the decoder a dispatch each (the values are those of the plain product
-// and the separate elementwise op, in the same order of additions):
-// - ACC: y[b, n] += the product (a residual add);
+// Fused forms, each saving the decoder a dispatch:
+// - NORM: x goes through RMSNorm with the f32 scale g (binding 5) and p.eps first. The TPR
+//   threads of a weight row see every chunk of x once, so besides sum w * (x g) they add up
+//   sum x^2, and the row's result is scaled by 1 / sqrt(sum x^2 / k + eps) at the end.
+// - ACC: y[b, n] += the product (a residual add).
 // - DUAL: a second weight matrix w2 of the same shape (binding 4) is applied to the same
 //   chunks, and y[b, n] = silu(x . w[n]) * (x . w2[n]) (SwiGLU's gate and up projections).
+// Without NORM the values are those of the plain product and the separate elementwise op
+// (same order of additions); with it they differ from a separate RMSNorm by rounding only.
 //
 // Placeholders (written in double braces below): W_DECL (binding 2 with `WRaw`, w_load(i) and
-// w_unpack(raw) giving the chunk as two vec4<f32>, the second zero for f32; with DUAL also
-// binding 4 and w2_load(i), else a w2_load that is never called), CH, TPR, RPW, MB, UNROLL,
-// ACC, DUAL.
+// w_unpack(raw) giving the chunk as two vec4<f32>, the second zero for f32; w2_load(i) from
+// binding 4 with DUAL, else never called; g_load(i), the i-th vec4 of the scale from binding
+// 5 with NORM, else never called), CH, TPR, RPW, MB, UNROLL, ACC, DUAL, NORM.
 
 struct Params {
     m: u32,
     n: u32,
     k: u32,
-    _pad: u32,
+    eps: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -37,9 +41,13 @@ const MB: u32 = {{MB}}u;
 const UNROLL: u32 = {{UNROLL}}u;
 const ACC: bool = {{ACC}};
 const DUAL: bool = {{DUAL}};
+const NORM: bool = {{NORM}};
 const WG: u32 = TPR * RPW;
-// Sums per activation row and thread: one, or two with DUAL.
-const NS: u32 = select(1u, 2u, DUAL);
+// Sums per activation row and thread: the product, the second product (DUAL), the sum of
+// squares (NORM); slots of `red`.
+const S_W2: u32 = 1u;
+const S_SQ: u32 = select(1u, 2u, DUAL);
+const NS: u32 = S_SQ + select(0u, 1u, NORM);
 
 var<workgroup> red: array<f32, NS * MB * WG>;
 
@@ -63,6 +71,7 @@ fn main(
     for (var b0 = 0u; b0 < p.m; b0 += MB) {
         var acc: array<f32, MB>;
         var acc2: array<f32, MB>;
+        var sq: array<f32, MB>;
         if (valid) {
             for (var c0 = t; c0 < nch; c0 += TPR * UNROLL) {
                 var wr: array<WRaw, UNROLL>;
@@ -81,18 +90,31 @@ fn main(
                     if (c < nch) {
                         let wv = w_unpack(wr[u]);
                         let wv2 = w_unpack(wr2[u]);
+                        let gi = c * (CH / 4u);
                         for (var b = 0u; b < MB; b++) {
                             if (b0 + b < p.m) {
-                                let xi = (b0 + b) * k4 + c * (CH / 4u);
-                                var s = dot(wv[0], x[xi]);
+                                let xi = (b0 + b) * k4 + gi;
+                                var xa = x[xi];
+                                var xb = vec4<f32>(0.0);
                                 if (CH == 8u) {
-                                    s += dot(wv[1], x[xi + 1u]);
+                                    xb = x[xi + 1u];
+                                }
+                                if (NORM) {
+                                    sq[b] += dot(xa, xa) + dot(xb, xb);
+                                    xa *= g_load(gi);
+                                    if (CH == 8u) {
+                                        xb *= g_load(gi + 1u);
+                                    }
+                                }
+                                var s = dot(wv[0], xa);
+                                if (CH == 8u) {
+                                    s += dot(wv[1], xb);
                                 }
                                 acc[b] += s;
                                 if (DUAL) {
-                                    var s2 = dot(wv2[0], x[xi]);
+                                    var s2 = dot(wv2[0], xa);
                                     if (CH == 8u) {
-                                        s2 += dot(wv2[1], x[xi + 1u]);
+                                        s2 += dot(wv2[1], xb);
                                     }
                                     acc2[b] += s2;
                                 }
@@ -105,7 +127,10 @@ fn main(
         for (var b = 0u; b < MB; b++) {
             red[b * WG + lid] = acc[b];
             if (DUAL) {
-                red[(MB + b) * WG + lid] = acc2[b];
+                red[(S_W2 * MB + b) * WG + lid] = acc2[b];
+            }
+            if (NORM) {
+                red[(S_SQ * MB + b) * WG + lid] = sq[b];
             }
         }
         workgroupBarrier();
@@ -114,13 +139,22 @@ fn main(
             let b = lid % MB;
             var s = 0.0;
             var s2 = 0.0;
+            var q = 0.0;
             for (var j = 0u; j < TPR; j++) {
                 s += red[b * WG + r * TPR + j];
                 if (DUAL) {
-                    s2 += red[(MB + b) * WG + r * TPR + j];
+                    s2 += red[(S_W2 * MB + b) * WG + r * TPR + j];
+                }
+                if (NORM) {
+                    q += red[(S_SQ * MB + b) * WG + r * TPR + j];
                 }
             }
             if (row0 + r < p.n && b0 + b < p.m) {
+                if (NORM) {
+                    let inv = 1.0 / sqrt(q / f32(p.k) + p.eps);
+                    s *= inv;
+                    s2 *= inv;
+                }
                 let i = (b0 + b) * p.n + row0 + r;
                 var v = s;
                 if (DUAL) {

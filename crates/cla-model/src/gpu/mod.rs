@@ -32,6 +32,7 @@ use crate::decoder::{
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
 use cla_core::ModelConfig;
+use cla_kernels_wgpu::ops::matmul::ProjInput;
 use cla_kernels_wgpu::{DType, GpuContext, GpuError, GpuTensor, SeqBatch, SeqDesc};
 use cla_kv::{KvCacheConfig, KvLayout, KvShape, PagedKvCache};
 use ndarray::Array2;
@@ -475,16 +476,18 @@ impl GpuDecoder {
         }
         debug_assert_eq!(cur.n, kept);
         let h = view(&ws.h, &[kept, c.hidden_size]);
-        ctx.rms_norm(
+        let head = self.weights.lm_head();
+        let input = norm_input(
+            &ctx,
             &mut enc,
+            ctx.linear_fuses(kept, head),
             &cur.x,
             &self.weights.final_norm,
-            &h,
             c.rms_norm_eps as f32,
+            &h,
         )
         .map_err(g)?;
-        ctx.linear(&mut enc, &h, self.weights.lm_head(), &logits)
-            .map_err(g)?;
+        ctx.linear_from(&mut enc, input, head, &logits).map_err(g)?;
 
         match readback {
             Readback::Logits => {
@@ -533,28 +536,27 @@ impl GpuDecoder {
         let (heads, kv_heads) = (c.num_attention_heads, c.num_key_value_heads);
         let x = &cur.x;
 
+        // At decode sizes every RMSNorm runs inside the projections that read it.
+        let fuse = ctx.linear_fuses(n, &w.q_proj);
         let h = view(&ws.h, &[n, hid]);
-        ctx.rms_norm(enc, x, &w.input_norm, &h, eps)?;
+        let input = norm_input(ctx, enc, fuse, x, &w.input_norm, eps, &h)?;
         let q = view(&ws.q, &[n, heads, d]);
-        ctx.linear(enc, &h, &w.q_proj, &view(&q, &[n, heads * d]))?;
+        ctx.linear_from(enc, input, &w.q_proj, &view(&q, &[n, heads * d]))?;
         ctx.rope(enc, &q, cur.pos, &self.inv_freq)?;
 
         let pool = self.cache.storage().pool(c.kv_sharing.slot_of(layer));
         if let Some(kv) = &w.kv {
             // CLA producer: this layer's keys and values go into its slot of the pool.
-            let hk = match &kv.kv_norm {
-                Some(scale) => {
-                    let hk = view(&ws.hk, &[n, hid]);
-                    ctx.rms_norm(enc, x, scale, &hk, eps)?;
-                    hk
-                }
-                None => h.clone(),
+            let hk = view(&ws.hk, &[n, hid]);
+            let kv_input = match &kv.kv_norm {
+                Some(scale) => norm_input(ctx, enc, fuse, x, scale, eps, &hk)?,
+                None => input,
             };
             let k = view(&ws.k, &[n, kv_heads, d]);
             let v = view(&ws.v, &[n, kv_heads, d]);
-            ctx.linear(enc, &hk, &kv.k_proj, &view(&k, &[n, kv_heads * d]))?;
+            ctx.linear_from(enc, kv_input, &kv.k_proj, &view(&k, &[n, kv_heads * d]))?;
             ctx.rope(enc, &k, cur.pos, &self.inv_freq)?;
-            ctx.linear(enc, &hk, &kv.v_proj, &view(&v, &[n, kv_heads * d]))?;
+            ctx.linear_from(enc, kv_input, &kv.v_proj, &view(&v, &[n, kv_heads * d]))?;
             ctx.kv_append(enc, &k, &v, &cur.batch.slots, &pool)?;
         }
 
@@ -570,17 +572,41 @@ impl GpuDecoder {
         ctx.linear_add(enc, &view(&a, &[n, heads * d]), &w.o_proj, x, &tmp)?;
 
         let gn = view(&ws.h, &[n, hid]);
-        ctx.rms_norm(enc, x, &w.post_attention_norm, &gn, eps)?;
+        let mlp_input = norm_input(ctx, enc, fuse, x, &w.post_attention_norm, eps, &gn)?;
         let inter = c.intermediate_size;
         let (gate, up, act) = (
             view(&ws.gate, &[n, inter]),
             view(&ws.up, &[n, inter]),
             view(&ws.act, &[n, inter]),
         );
-        ctx.linear_swiglu(enc, &gn, &w.gate_proj, &w.up_proj, &act, &gate, &up)?;
+        ctx.linear_swiglu(enc, mlp_input, &w.gate_proj, &w.up_proj, &act, &gate, &up)?;
         ctx.linear_add(enc, &act, &w.down_proj, x, &tmp)?;
         Ok(())
     }
+}
+
+/// The input of the projections that read RMSNorm(`x`) with `scale`: with `fuse` (decode
+/// sizes, see `GpuContext::linear_fuses`) the norm runs inside each of them; otherwise it is
+/// computed here, once, into `tmp`.
+fn norm_input<'a>(
+    ctx: &GpuContext,
+    enc: &mut wgpu::CommandEncoder,
+    fuse: bool,
+    x: &'a GpuTensor,
+    scale: &'a GpuTensor,
+    eps: f32,
+    tmp: &'a GpuTensor,
+) -> Result<ProjInput<'a>, GpuError> {
+    if fuse {
+        return Ok(ProjInput::Normed {
+            x,
+            weight: scale,
+            eps,
+            tmp,
+        });
+    }
+    ctx.rms_norm(enc, x, scale, tmp, eps)?;
+    Ok(ProjInput::Plain(tmp))
 }
 
 /// Appends a copy of the first `bytes` of `src` to a mappable buffer to `enc`, submits it (the
