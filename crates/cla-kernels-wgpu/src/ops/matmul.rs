@@ -16,7 +16,8 @@
 //!   (gate and up projections and SwiGLU in one dispatch); they fall back to separate
 //!   dispatches where the product does not take that kernel ([`GpuContext::linear_fuses`]).
 //!
-//! [`GpuContext::linear`] picks: matvec up to [`MATVEC_MAX_ROWS`] rows, else the
+//! [`GpuContext::linear`] picks: matvec up to [`MATVEC_MAX_ROWS`] rows (up to
+//! [`MATVEC_PORTABLE_MAX_ROWS`] where the weights would not go to the tensor cores), else the
 //! cooperative-matrix kernel when available (f16 weights, `k` a multiple of 8), else R64.
 
 use crate::context::GpuContext;
@@ -73,6 +74,14 @@ fn matvec_tpr(chunks: usize) -> u32 {
 /// matvec applies each weight to `MATVEC_MB` rows per pass, so up to that many rows it reads
 /// the weights exactly once.
 pub const MATVEC_MAX_ROWS: usize = MATVEC_MB as usize;
+/// Activation rows up to which [`GpuContext::linear`] uses the matrix-vector kernel when the
+/// weights would not go to the tensor-core matmul (f32 weights, or no cooperative matrices).
+/// The matvec rereads each weight row once per 8 activation rows (from cache); on the H200
+/// (f32, k = 2048-5632, 16-64 rows) it was 1.3-7.4x faster than the register-tiled matmul,
+/// whose 64-row tiles leave most of the GPU idle at these row counts. Against the tensor-core
+/// f16 matmul it was faster only at 16 rows of a 2048 x 2048 matrix and 1.2-4.5x slower from
+/// 32 rows, so with tensor cores the limit stays [`MATVEC_MAX_ROWS`].
+pub const MATVEC_PORTABLE_MAX_ROWS: usize = 64;
 /// Activation rows handled per pass of the matvec kernel.
 const MATVEC_MB: u32 = 8;
 /// Threads sharing one weight row: two warps' worth of coalesced pair loads per step.
@@ -440,7 +449,8 @@ fn linear_shape_x(
 }
 
 impl GpuContext {
-    /// `y = x · wᵀ`, choosing the matvec kernel for at most [`MATVEC_MAX_ROWS`] rows, the
+    /// `y = x · wᵀ`, choosing the matvec kernel for at most [`MATVEC_MAX_ROWS`] rows (at most
+    /// [`MATVEC_PORTABLE_MAX_ROWS`] where the weights would not go to the tensor cores), the
     /// cooperative-matrix matmul for f16 weights where available (activations rounded to
     /// f16), and the register-tiled matmul otherwise. `x` is `[.., k]` f32, `w` is `[n, k]`
     /// f32/f16, `y` is `[.., n]`.
@@ -452,9 +462,9 @@ impl GpuContext {
         y: &GpuTensor,
     ) -> Result<()> {
         let s = linear_shape(x, w, y)?;
-        if s.m <= MATVEC_MAX_ROWS {
+        if self.takes_matvec(s.m, w) {
             self.matvec(encoder, x, w, y)
-        } else if self.coopmat_fits(w, &s) {
+        } else if self.coopmat_fits(w, s.k) {
             self.matmul_coopmat(encoder, x, w, y)
         } else {
             let tile = if self.tile_fits(MatmulTile::R64) {
@@ -481,8 +491,15 @@ impl GpuContext {
                 .any(|c| (c.m, c.n, c.k) == (16, 16, 16) && c.ab == "F16" && c.cr == "F32")
     }
 
-    fn coopmat_fits(&self, w: &GpuTensor, s: &LinearShape) -> bool {
-        w.dtype == DType::F16 && s.k.is_multiple_of(8) && self.coopmat_f16_available()
+    fn coopmat_fits(&self, w: &GpuTensor, k: usize) -> bool {
+        w.dtype == DType::F16 && k.is_multiple_of(8) && self.coopmat_f16_available()
+    }
+
+    /// Whether [`GpuContext::linear`] runs a product of `m` rows through `w` (`[n, k]`) as a
+    /// matrix-vector product.
+    fn takes_matvec(&self, m: usize, w: &GpuTensor) -> bool {
+        let k = w.shape.get(1).copied().unwrap_or(0);
+        m <= MATVEC_MAX_ROWS || (m <= MATVEC_PORTABLE_MAX_ROWS && !self.coopmat_fits(w, k))
     }
 
     /// `y = x · wᵀ` on the tensor cores with [`CoopVariant::for_shape`]: `x` is rounded to f16
@@ -890,10 +907,12 @@ impl GpuContext {
         Ok(())
     }
 
-    /// Whether a projection of `rows` activation rows through `w` (`[n, k]`) runs as the
-    /// wide matrix-vector kernel, where [`GpuContext::linear_from`],
-    /// [`GpuContext::linear_add`] and [`GpuContext::linear_swiglu`] fuse their extra work:
-    /// at most [`MATVEC_MAX_ROWS`] rows and `k` a multiple of 8 (f16 weights) or 4 (f32).
+    /// Whether [`GpuContext::linear_from`], [`GpuContext::linear_add`] and
+    /// [`GpuContext::linear_swiglu`] fuse their extra work into a projection of `rows`
+    /// activation rows through `w` (`[n, k]`): at most [`MATVEC_MAX_ROWS`] rows (one pass of
+    /// the wide matrix-vector kernel) and `k` a multiple of 8 (f16 weights) or 4 (f32). (At
+    /// 32 rows of the 1B-class preset, f32, the fused kernels made a decode step 1.5x slower
+    /// on the H200 than separate dispatches through the same matrix-vector kernel.)
     pub fn linear_fuses(&self, rows: usize, w: &GpuTensor) -> bool {
         rows <= MATVEC_MAX_ROWS
             && w.shape.len() == 2
@@ -954,10 +973,9 @@ impl GpuContext {
     }
 
     /// `y += x · wᵀ`: a projection followed by a residual add, shapes as in
-    /// [`GpuContext::linear`]. Products of at most [`MATVEC_MAX_ROWS`] rows with `k` a
-    /// multiple of 8 (f16 weights) or 4 (f32) run as one matrix-vector dispatch that adds in
-    /// place; others run [`GpuContext::linear`] into `tmp` (the shape of `y`) and
-    /// [`GpuContext::add_assign`]. Same values either way.
+    /// [`GpuContext::linear`]. Where the product fuses ([`GpuContext::linear_fuses`]) it is
+    /// one matrix-vector dispatch that adds in place; otherwise [`GpuContext::linear`] into
+    /// `tmp` (the shape of `y`) and [`GpuContext::add_assign`]. Same values either way.
     pub fn linear_add(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -1208,7 +1226,7 @@ mod tests {
         /// allow the wide kernel, and with an f16 norm scale (never fused); the outputs start
         /// poisoned, the residual from values.
         #[test]
-        fn fused_projections_match_cpu(m in 1usize..12, n in 1usize..90,
+        fn fused_projections_match_cpu(m in prop_oneof![1usize..12, 60usize..70], n in 1usize..90,
                                        k in prop_oneof![1usize..60, (1usize..24).prop_map(|k| 8 * k)],
                                        f16 in any::<bool>(), f16_scale in any::<bool>(), seed: u64) {
             for c in both_ctx() {
@@ -1374,9 +1392,10 @@ mod tests {
     proptest! {
         #![proptest_config(cases(12))]
         /// The register-tiled kernel across several 64x64 tiles and K slices, with edges
-        /// that are not multiples of the tile, of 4 or of 16; through `linear` (prefill rows).
+        /// that are not multiples of the tile, of 4 or of 16; through `linear` (prefill rows,
+        /// above the rows it gives the matrix-vector kernel).
         #[test]
-        fn register_tiled_matmul_matches_cpu(m in 9usize..160, n in 1usize..160,
+        fn register_tiled_matmul_matches_cpu(m in 65usize..200, n in 1usize..160,
                                              k in prop_oneof![1usize..90, (1usize..24).prop_map(|k| 4 * k)],
                                              f16 in any::<bool>(), seed: u64) {
             for c in both_ctx() {
