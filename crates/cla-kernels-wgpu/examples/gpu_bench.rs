@@ -40,8 +40,8 @@
 //!   larger ones); weight bytes per second and FLOP/s. Each repetition reads the next of
 //!   enough copies of the weights (256 MiB in all) that they do not stay in the last-level
 //!   cache, as in a decode step; the repetitions are recorded into one compute pass. Then
-//!   batched-decode shapes (16-64 rows, `linear_rows`) through the matrix-vector kernel and
-//!   through `linear`'s choice of matmul.
+//!   batched-decode shapes (16-64 rows, `linear_rows`) through the matrix-vector kernel, the
+//!   register-tiled matmul and (f16, where available) the tensor-core matmul.
 //!
 //! GPU timestamp queries time the recorded work when the adapter has them; otherwise wall-clock
 //! time around submit-and-wait is used (and the JSON says which). `--quick` uses tiny sizes so
@@ -846,106 +846,85 @@ fn main() -> BenchResult<()> {
         }
     }
 
-    // 5. Decode-shaped matvec.
+    // 5. Decode-shaped matvec, and batched-decode rows (16-64) through the matrix-vector
+    // kernel (which rereads each weight row once per 8 activation rows, from cache) against
+    // the register-tiled matmul and, for f16 weights, the tensor-core matmul.
     if want("matvec") {
-        let shapes: &[(usize, usize, usize)] = if q {
-            &[(1, 256, 256), (8, 256, 256)]
+        type Shapes = &'static [(usize, usize, usize)];
+        let (one, batched): (Shapes, Shapes) = if q {
+            (&[(1, 256, 256), (8, 256, 256)], &[(16, 256, 256)])
         } else {
-            &[
-                (1, 2048, 2048),
-                (1, 5632, 2048),
-                (1, 2048, 5632),
-                (1, 32000, 2048),
-                (1, 4096, 4096),
-                (1, 14336, 4096),
-                (8, 4096, 4096),
-                (1, 4096, 14336),
-            ]
+            (
+                &[
+                    (1, 2048, 2048),
+                    (1, 5632, 2048),
+                    (1, 2048, 5632),
+                    (1, 32000, 2048),
+                    (1, 4096, 4096),
+                    (1, 14336, 4096),
+                    (8, 4096, 4096),
+                    (1, 4096, 14336),
+                ],
+                &[
+                    (16, 2048, 2048),
+                    (32, 2048, 2048),
+                    (64, 2048, 2048),
+                    (32, 5632, 2048),
+                    (32, 2048, 5632),
+                ],
+            )
         };
-        for &(m, nn, k) in shapes {
-            for dtype in [DType::F32, DType::F16] {
-                let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
-                // Enough copies of the weights that they do not stay in the last-level cache
-                // between repetitions (the decoder reads each matrix once per step).
-                let w_bytes = nn * k * dtype.size();
-                let copies = if q {
-                    1
-                } else {
-                    (256usize << 20).div_ceil(w_bytes)
-                };
-                let ws = (0..copies)
-                    .map(|_| ctx.create_tensor(&[nn, k], dtype, "w"))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
-                let mut next = 0usize;
-                let secs = timer.time_in_pass(if q { 3 } else { 50 }, &mut |enc| {
-                    next = (next + 1) % ws.len();
-                    ctx.matvec(enc, &x, &ws[next], &y)
-                })?;
-                let bytes = (nn * k * dtype.size()) as f64;
-                rows.push(Row {
-                    kind: "matvec",
-                    params: vec![
-                        ("m_n_k", format!("{m}x{nn}x{k}")),
-                        ("weights", dtype.name().into()),
-                    ],
-                    seconds: secs,
-                    bytes_per_s: Some(bytes / secs),
-                    flops: Some(2.0 * (m * nn * k) as f64 / secs),
-                    note: pct(bytes / secs),
-                });
-            }
-        }
-
-        // Batched decode: a few dozen rows, through the matrix-vector kernel (which rereads
-        // each weight row once per 8 activation rows, from cache) and through `linear`'s
-        // choice (the tensor-core matmul for f16 weights, the register-tiled one for f32).
-        let small: &[(usize, usize, usize)] = if q {
-            &[(16, 256, 256)]
-        } else {
-            &[
-                (16, 2048, 2048),
-                (32, 2048, 2048),
-                (64, 2048, 2048),
-                (32, 5632, 2048),
-                (32, 2048, 5632),
-            ]
-        };
-        for &(m, nn, k) in small {
-            for dtype in [DType::F32, DType::F16] {
-                let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
-                let w_bytes = nn * k * dtype.size();
-                let copies = if q {
-                    1
-                } else {
-                    (256usize << 20).div_ceil(w_bytes)
-                };
-                let ws = (0..copies)
-                    .map(|_| ctx.create_tensor(&[nn, k], dtype, "w"))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
-                for kernel in ["matvec", "linear"] {
-                    let mut next = 0usize;
-                    let secs = timer.time_in_pass(if q { 3 } else { 50 }, &mut |enc| {
-                        next = (next + 1) % ws.len();
-                        if kernel == "matvec" {
-                            ctx.matvec(enc, &x, &ws[next], &y)
-                        } else {
-                            ctx.linear(enc, &x, &ws[next], &y)
+        let sweeps: [(&str, Shapes, &[&str]); 2] = [
+            ("matvec", one, &["matvec"]),
+            ("linear_rows", batched, &["matvec", "tiled", "coop"]),
+        ];
+        for (kind, shapes, kernels) in sweeps {
+            for &(m, nn, k) in shapes {
+                for dtype in [DType::F32, DType::F16] {
+                    let x = ctx.create_tensor(&[m, k], DType::F32, "x")?;
+                    // Enough copies of the weights that they do not stay in the last-level
+                    // cache between repetitions (the decoder reads each matrix once per step).
+                    let w_bytes = nn * k * dtype.size();
+                    let copies = if q {
+                        1
+                    } else {
+                        (256usize << 20).div_ceil(w_bytes)
+                    };
+                    let ws = (0..copies)
+                        .map(|_| ctx.create_tensor(&[nn, k], dtype, "w"))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let y = ctx.create_tensor(&[m, nn], DType::F32, "y")?;
+                    for &kernel in kernels {
+                        if kernel == "coop" && !(dtype == DType::F16 && ctx.coopmat_f16_available())
+                        {
+                            continue;
                         }
-                    })?;
-                    rows.push(Row {
-                        kind: "linear_rows",
-                        params: vec![
+                        let mut next = 0usize;
+                        let secs = timer.time_in_pass(if q { 3 } else { 50 }, &mut |enc| {
+                            next = (next + 1) % ws.len();
+                            let w = &ws[next];
+                            match kernel {
+                                "matvec" => ctx.matvec(enc, &x, w, &y),
+                                "tiled" => ctx.matmul(enc, &x, w, &y, MatmulTile::R64),
+                                _ => ctx.matmul_coopmat(enc, &x, w, &y),
+                            }
+                        })?;
+                        let mut params = vec![
                             ("m_n_k", format!("{m}x{nn}x{k}")),
                             ("weights", dtype.name().into()),
-                            ("kernel", kernel.into()),
-                        ],
-                        seconds: secs,
-                        bytes_per_s: Some(w_bytes as f64 / secs),
-                        flops: Some(2.0 * (m * nn * k) as f64 / secs),
-                        note: pct(w_bytes as f64 / secs),
-                    });
+                        ];
+                        if kernels.len() > 1 {
+                            params.push(("kernel", kernel.into()));
+                        }
+                        rows.push(Row {
+                            kind,
+                            params,
+                            seconds: secs,
+                            bytes_per_s: Some(w_bytes as f64 / secs),
+                            flops: Some(2.0 * (m * nn * k) as f64 / secs),
+                            note: pct(w_bytes as f64 / secs),
+                        });
+                    }
                 }
             }
         }
