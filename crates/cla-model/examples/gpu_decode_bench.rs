@@ -8,6 +8,7 @@
 //!   --weights f16    f16 weight matrices (default f32)
 //!   --model DIR      the shipped model (default models/small-mqa-cla2)
 //!   --skip-1b        only the shipped model
+//!   --submit-every N submit each step's work every N layers (default 0: once per step)
 //! ```
 //!
 //! Each run: `batch` prompts of `prompt` tokens in one prefill step, then `decode` batched
@@ -33,12 +34,14 @@ struct Args {
     weights: GpuWeightDType,
     model: Option<PathBuf>,
     skip_1b: bool,
+    /// `GpuDecoderOptions::submit_every_layers`.
+    submit_every: usize,
     out: PathBuf,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gpu_decode_bench [--quick] [--weights f32|f16] [--model DIR] [--skip-1b] OUT.json"
+        "usage: gpu_decode_bench [--quick] [--weights f32|f16] [--model DIR] [--skip-1b] [--submit-every N] OUT.json"
     );
     std::process::exit(2)
 }
@@ -49,6 +52,7 @@ fn parse_args() -> Args {
         weights: GpuWeightDType::F32,
         model: None,
         skip_1b: false,
+        submit_every: 0,
         out: PathBuf::new(),
     };
     let mut out = None;
@@ -65,6 +69,12 @@ fn parse_args() -> Args {
                 }
             }
             "--model" => args.model = Some(it.next().unwrap_or_else(|| usage()).into()),
+            "--submit-every" => {
+                args.submit_every = match it.next().map(|v| v.parse()) {
+                    Some(Ok(n)) => n,
+                    _ => usage(),
+                }
+            }
             "-h" | "--help" => usage(),
             _ if a.starts_with('-') => usage(),
             _ if out.is_none() => out = Some(PathBuf::from(a)),
@@ -288,17 +298,19 @@ fn main() {
     let ctx = Arc::new(GpuContext::new(&selector).unwrap_or_else(|e| panic!("{e}")));
     let info = ctx.info().clone();
     println!(
-        "device: {} ({:?}, {:?}, {} {}); weights {:?}{}",
+        "device: {} ({:?}, {:?}, {} {}); weights {:?}; submit every {} layers (0: once per step){}",
         info.name,
         info.backend,
         info.device_type,
         info.driver,
         info.driver_info,
         args.weights,
+        args.submit_every,
         if args.quick { "; quick" } else { "" }
     );
     let options = GpuDecoderOptions {
         weight_dtype: args.weights,
+        submit_every_layers: args.submit_every,
         ..GpuDecoderOptions::default()
     };
     let shapes = |prompt: usize, decode: usize, logits_steps: usize, batches: &[usize]| {
@@ -390,6 +402,7 @@ fn main() {
         },
         "quick": args.quick,
         "weight_dtype": format!("{:?}", args.weights).to_lowercase(),
+        "submit_every_layers": args.submit_every,
         "models": models,
     });
     std::fs::write(

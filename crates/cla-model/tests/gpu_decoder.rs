@@ -218,6 +218,35 @@ fn the_tail_skip_changes_nothing() {
     assert_close("tail skip", &x, &y);
 }
 
+/// A step submitted every two layers (five layers: three submissions) gives the logits of a
+/// step submitted once, through a prefill and decode steps.
+#[test]
+fn submitting_a_step_in_parts_changes_nothing() {
+    let c = small_config(sharing(SharingPattern::Cla(2), 5), 32, 4, 2, 8, 40, true);
+    let w = random(&c, 9, false);
+    let mut once = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
+    let mut parts = GpuDecoder::with_options(
+        gpu_ctx(),
+        &w,
+        cache(),
+        GpuDecoderOptions {
+            submit_every_layers: 2,
+            ..GpuDecoderOptions::default()
+        },
+    )
+    .unwrap();
+    let p = tokens(9, 7, 40);
+    let (a, b) = (once.add_sequence(), parts.add_sequence());
+    let x = once.forward(&[SequenceStep::all(a, &p)]).unwrap();
+    let y = parts.forward(&[SequenceStep::all(b, &p)]).unwrap();
+    assert_close("prefill in parts", &x, &y);
+    for t in [3u32, 17, 29] {
+        let x = once.forward(&[SequenceStep::last(a, &[t])]).unwrap();
+        let y = parts.forward(&[SequenceStep::last(b, &[t])]).unwrap();
+        assert_close("decode in parts", &x, &y);
+    }
+}
+
 #[test]
 fn greedy_generation_gives_the_cpu_tokens() {
     let c = small_config(sharing(SharingPattern::Cla(2), 4), 32, 4, 1, 8, 64, true);
