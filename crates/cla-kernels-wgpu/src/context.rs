@@ -503,6 +503,11 @@ impl GpuContext {
         &self.info
     }
 
+    /// Whether the adapter is a software one running on the CPU (lavapipe, llvmpipe).
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Features and limits detected at creation.
     pub fn features(&self) -> &GpuFeatures {
         &self.features

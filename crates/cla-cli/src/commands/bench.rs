@@ -87,8 +87,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
     pub max_weight_bytes: u64,
 
-    /// Where to run: auto (the CPU), cpu, gpu (the best GPU adapter) or gpu:NAME (an adapter
-    /// by index, backend, name substring, or `cpu` for a software Vulkan driver).
+    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
+    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
+    /// software Vulkan driver).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 

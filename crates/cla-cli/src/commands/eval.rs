@@ -58,8 +58,9 @@ pub struct EvalArgs {
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub stride: Option<u64>,
 
-    /// Where to run: auto (the CPU), cpu, gpu (the best GPU adapter) or gpu:NAME (an adapter
-    /// by index, backend, name substring, or `cpu` for a software Vulkan driver).
+    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
+    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
+    /// software Vulkan driver).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 

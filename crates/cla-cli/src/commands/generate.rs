@@ -85,8 +85,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
-    /// Where to run: auto (the CPU), cpu, gpu (the best GPU adapter) or gpu:NAME (an adapter
-    /// by index, backend, name substring, or `cpu` for a software Vulkan driver).
+    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
+    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
+    /// software Vulkan driver).
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 

@@ -3,7 +3,7 @@
 
 use crate::failure::{CliError, CliResult};
 use cla_kernels_wgpu::context::{DEVICE_ENV, DISABLE_ENV};
-use cla_kernels_wgpu::{DeviceSelector, GpuContext};
+use cla_kernels_wgpu::{AdapterFilter, DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
 use cla_model::{CpuDecoder, Decoder, GpuDecoder, LoadedModel, ModelError, ModelWeights};
 use std::fmt;
@@ -96,7 +96,8 @@ pub fn in_model(dir: &Path, e: cla_model::ModelError) -> CliError {
 /// Where a model runs (`--device`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum DeviceChoice {
-    /// The default backend: the CPU reference decoder (a GPU only when asked for).
+    /// The default: a hardware GPU when there is one (the adapter `Gpu(None)` would open),
+    /// else the CPU reference decoder.
     #[default]
     Auto,
     /// The CPU reference decoder.
@@ -151,61 +152,108 @@ pub struct ChosenDecoder {
 
 /// Builds a decoder for `weights` on `device` with a KV cache of `cache`.
 ///
-/// `auto` is the CPU decoder, the reference; `gpu[:NAME]` opens a wgpu adapter (chosen as
-/// `CLA_DEVICE` would choose it; `CLA_GPU_DISABLE` applies) and uploads the weights.
+/// `gpu[:NAME]` opens a wgpu adapter (chosen as `CLA_DEVICE` would choose it;
+/// `CLA_GPU_DISABLE` applies) and uploads the weights; `cpu` is the CPU reference decoder;
+/// `auto` is the GPU `gpu` would open when that is a hardware GPU, else the CPU decoder (a
+/// software adapter such as lavapipe is slower than the CPU decoder, so `auto` never picks
+/// one; `--device gpu` with `CLA_DEVICE=cpu` does).
 pub fn make_decoder(
     device: &DeviceChoice,
     weights: Arc<ModelWeights>,
     cache: KvCacheConfig,
 ) -> CliResult<ChosenDecoder> {
     match device {
-        DeviceChoice::Auto | DeviceChoice::Cpu => {
-            let decoder = CpuDecoder::new(weights, cache)?;
-            log::info!(
-                "device: cpu ({} threads), KV cache {} blocks of {} tokens ({})",
-                cpu_threads(),
-                cache.num_blocks,
-                cache.block_size,
-                cache.dtype
-            );
-            Ok(ChosenDecoder {
-                decoder: Box::new(decoder),
-                device: "cpu".into(),
-            })
-        }
+        DeviceChoice::Cpu => cpu_decoder(weights, cache),
         DeviceChoice::Gpu(name) => {
+            let started = std::time::Instant::now();
             // Errors pass as `ModelError::Gpu`: `failure` tells what the user can fix (no
             // adapter, a bad selector, a missing feature: exit 1, with how to fix it) from a
             // failing device (exit 2).
-            let mut selector = DeviceSelector::from_env().map_err(|e| {
-                // A typo in an environment variable is the user's, whatever the variant.
-                CliError::user(format!(
-                    "{}; fix or unset {DEVICE_ENV} / {DISABLE_ENV}",
-                    e.to_string().trim_end().trim_end_matches('.')
-                ))
-            })?;
-            if let Some(name) = name {
-                selector.filter = DeviceSelector::parse(name).map_err(ModelError::Gpu)?.filter;
-            }
+            let ctx = GpuContext::new(&selector(name.as_deref())?).map_err(ModelError::Gpu)?;
+            gpu_decoder(ctx, started, &weights, cache)
+        }
+        DeviceChoice::Auto => {
             let started = std::time::Instant::now();
-            let ctx = GpuContext::new(&selector).map_err(ModelError::Gpu)?;
-            let info = ctx.info();
-            let description = format!("gpu: {} ({:?})", info.name, info.backend);
-            let decoder = GpuDecoder::new(Arc::new(ctx), &weights, cache)?;
-            log::info!(
-                "device: {description}, weights uploaded in {:.2}s, KV cache {} blocks of {} \
-                 tokens ({})",
-                started.elapsed().as_secs_f64(),
-                cache.num_blocks,
-                cache.block_size,
-                cache.dtype
-            );
-            Ok(ChosenDecoder {
-                decoder: Box::new(decoder),
-                device: description,
-            })
+            let selector = selector(None)?;
+            if selector.filter == AdapterFilter::Cpu {
+                log::info!("device auto: {DEVICE_ENV} selects a software adapter; using the CPU");
+                return cpu_decoder(weights, cache);
+            }
+            match GpuContext::new(&selector) {
+                Ok(ctx) if !ctx.is_software() => match gpu_decoder(ctx, started, &weights, cache) {
+                    Ok(chosen) => Ok(chosen),
+                    Err(e) => {
+                        log::warn!("device auto: the GPU decoder failed ({e}); using the CPU");
+                        cpu_decoder(weights, cache)
+                    }
+                },
+                Ok(ctx) => {
+                    log::info!(
+                        "device auto: {} is a software adapter; using the CPU",
+                        ctx.info().name
+                    );
+                    cpu_decoder(weights, cache)
+                }
+                Err(e) => {
+                    log::info!("device auto: no hardware GPU; using the CPU");
+                    log::debug!("device auto: {e}");
+                    cpu_decoder(weights, cache)
+                }
+            }
         }
     }
+}
+
+/// The adapter selector from the environment, narrowed to `name` when given.
+fn selector(name: Option<&str>) -> CliResult<DeviceSelector> {
+    let mut selector = DeviceSelector::from_env().map_err(|e| {
+        // A typo in an environment variable is the user's, whatever the variant.
+        CliError::user(format!(
+            "{}; fix or unset {DEVICE_ENV} / {DISABLE_ENV}",
+            e.to_string().trim_end().trim_end_matches('.')
+        ))
+    })?;
+    if let Some(name) = name {
+        selector.filter = DeviceSelector::parse(name).map_err(ModelError::Gpu)?.filter;
+    }
+    Ok(selector)
+}
+
+fn cpu_decoder(weights: Arc<ModelWeights>, cache: KvCacheConfig) -> CliResult<ChosenDecoder> {
+    let decoder = CpuDecoder::new(weights, cache)?;
+    log::info!(
+        "device: cpu ({} threads), KV cache {} blocks of {} tokens ({})",
+        cpu_threads(),
+        cache.num_blocks,
+        cache.block_size,
+        cache.dtype
+    );
+    Ok(ChosenDecoder {
+        decoder: Box::new(decoder),
+        device: "cpu".into(),
+    })
+}
+
+fn gpu_decoder(
+    ctx: GpuContext,
+    started: std::time::Instant,
+    weights: &ModelWeights,
+    cache: KvCacheConfig,
+) -> CliResult<ChosenDecoder> {
+    let info = ctx.info();
+    let description = format!("gpu: {} ({:?})", info.name, info.backend);
+    let decoder = GpuDecoder::new(Arc::new(ctx), weights, cache)?;
+    log::info!(
+        "device: {description}, weights uploaded in {:.2}s, KV cache {} blocks of {} tokens ({})",
+        started.elapsed().as_secs_f64(),
+        cache.num_blocks,
+        cache.block_size,
+        cache.dtype
+    );
+    Ok(ChosenDecoder {
+        decoder: Box::new(decoder),
+        device: description,
+    })
 }
 
 fn cpu_threads() -> usize {
