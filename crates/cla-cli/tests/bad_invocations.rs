@@ -66,6 +66,17 @@ fn cases() -> Vec<(Vec<Arg>, &'static str)> {
         ),
         (
             vec![
+                Text("generate"),
+                Text("--model"),
+                TinyModel,
+                Text("--gpu-weights"),
+                Text("int8"),
+                Text("hi"),
+            ],
+            "as f32 or f16, not `int8`",
+        ),
+        (
+            vec![
                 Text("eval"),
                 Text("--model"),
                 TinyModel,

@@ -638,6 +638,29 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
     assert_eq!(cpu["tokens_scored"], gpu["tokens_scored"]);
     let (a, b) = (cpu["ppl"].as_f64().unwrap(), gpu["ppl"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-3 * a, "cpu ppl {a}, gpu ppl {b}");
+    // The same with the weight matrices rounded to f16 on the GPU.
+    let half = json(&[
+        "eval",
+        "--model",
+        tiny(),
+        "--context",
+        "32",
+        "--device",
+        &device,
+        "--gpu-weights",
+        "f16",
+        "--json",
+        file,
+    ]);
+    assert!(
+        half["device"].as_str().unwrap().ends_with("f16 weights"),
+        "{half}"
+    );
+    let h = half["ppl"].as_f64().unwrap();
+    assert!(
+        (a - h).abs() < 2e-2 * a,
+        "cpu ppl {a}, gpu ppl with f16 weights {h}"
+    );
     let g = json_lines(&[
         "generate",
         "--model",

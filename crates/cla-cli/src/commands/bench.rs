@@ -8,6 +8,7 @@ use crate::interrupt;
 use cla_core::memory::{kv_bytes_for_batch, kv_bytes_per_token};
 use cla_core::{ByteSize, ConfigError, DType, ModelConfig, ParamCount, ParamOptions, presets};
 use cla_kv::KvDType;
+use cla_model::GpuWeightDType;
 use cla_model::{Decoder, ModelWeights, SequenceStep, SplitMix64, cache_config_for};
 use clap::{ArgGroup, Args};
 use serde::Serialize;
@@ -96,6 +97,11 @@ pub struct BenchArgs {
     /// Element type of the KV cache: f32 or f16.
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
     pub kv_dtype: KvDType,
+
+    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
+    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
+    pub gpu_weights: GpuWeightDType,
 
     /// Print one JSON object (keys: see --help).
     #[arg(long)]
@@ -224,7 +230,8 @@ pub fn run(args: &BenchArgs) -> CliResult {
             if interrupt::requested() {
                 return Err(CliError::Interrupted);
             }
-            let mut chosen = model::make_decoder(&args.device, Arc::clone(&weights), cache)?;
+            let mut chosen =
+                model::make_decoder(&args.device, Arc::clone(&weights), cache, args.gpu_weights)?;
             device = chosen.device.clone();
             let decoder = chosen.decoder.as_mut();
             if !warmed_up {

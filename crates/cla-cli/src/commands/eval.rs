@@ -5,7 +5,9 @@ use super::model::{self, DeviceChoice};
 use crate::failure::{self, CliError, CliResult};
 use crate::interrupt;
 use cla_kv::KvDType;
-use cla_model::{ModelError, PerplexityConfig, cache_config_for, perplexity_of_ids};
+use cla_model::{
+    GpuWeightDType, ModelError, PerplexityConfig, cache_config_for, perplexity_of_ids,
+};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -67,6 +69,11 @@ pub struct EvalArgs {
     /// Element type of the KV cache: f32 or f16.
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
     pub kv_dtype: KvDType,
+
+    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
+    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
+    pub gpu_weights: GpuWeightDType,
 
     /// Print one JSON object (keys: see --help).
     #[arg(long)]
@@ -135,7 +142,12 @@ pub fn run(args: &EvalArgs) -> CliResult {
         ids.len()
     );
     let cache = cache_config_for(context, 1, args.kv_dtype);
-    let mut chosen = model::make_decoder(&args.device, Arc::clone(&loaded.weights), cache)?;
+    let mut chosen = model::make_decoder(
+        &args.device,
+        Arc::clone(&loaded.weights),
+        cache,
+        args.gpu_weights,
+    )?;
 
     interrupt::install();
     let bar = model::stderr_is_terminal().then(|| {

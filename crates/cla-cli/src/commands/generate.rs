@@ -6,6 +6,7 @@ use crate::failure::{CliError, CliResult};
 use crate::interrupt;
 use cla_core::ByteSize;
 use cla_kv::KvDType;
+use cla_model::GpuWeightDType;
 use cla_model::{
     Generation, GenerationConfig, ModelError, SamplingConfig, StopReason, TokenEvent, Tokenizer,
     cache_config_for, generate_ids,
@@ -172,6 +173,11 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
     pub kv_dtype: KvDType,
 
+    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
+    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
+    pub gpu_weights: GpuWeightDType,
+
     /// No summary line on stderr.
     #[arg(short, long)]
     pub quiet: bool,
@@ -232,7 +238,8 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1);
     let per_sequence = (longest.min(context) + args.max_tokens).min(context);
     let cache = cache_config_for(per_sequence, prompts.len(), args.kv_dtype);
-    let mut chosen = model::make_decoder(&args.device, Arc::clone(&weights), cache)?;
+    let mut chosen =
+        model::make_decoder(&args.device, Arc::clone(&weights), cache, args.gpu_weights)?;
     log::info!(
         "generating for {} prompt(s), at most {} tokens each, {}",
         prompts.len(),

@@ -5,7 +5,10 @@ use crate::failure::{CliError, CliResult};
 use cla_kernels_wgpu::context::{DEVICE_ENV, DISABLE_ENV};
 use cla_kernels_wgpu::{AdapterFilter, DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
-use cla_model::{CpuDecoder, Decoder, GpuDecoder, LoadedModel, ModelError, ModelWeights};
+use cla_model::{
+    CpuDecoder, Decoder, GpuDecoder, GpuDecoderOptions, GpuWeightDType, LoadedModel, ModelError,
+    ModelWeights,
+};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -150,7 +153,8 @@ pub struct ChosenDecoder {
     pub device: String,
 }
 
-/// Builds a decoder for `weights` on `device` with a KV cache of `cache`.
+/// Builds a decoder for `weights` on `device` with a KV cache of `cache`; a GPU decoder keeps
+/// its weight matrices as `gpu_weights`.
 ///
 /// `gpu[:NAME]` opens a wgpu adapter (chosen as `CLA_DEVICE` would choose it;
 /// `CLA_GPU_DISABLE` applies) and uploads the weights; `cpu` is the CPU reference decoder;
@@ -161,7 +165,14 @@ pub fn make_decoder(
     device: &DeviceChoice,
     weights: Arc<ModelWeights>,
     cache: KvCacheConfig,
+    gpu_weights: GpuWeightDType,
 ) -> CliResult<ChosenDecoder> {
+    let cpu_decoder = |weights, cache| {
+        if gpu_weights != GpuWeightDType::F32 {
+            log::warn!("--gpu-weights applies to a GPU; the CPU decoder computes in f32");
+        }
+        cpu_decoder(weights, cache)
+    };
     match device {
         DeviceChoice::Cpu => cpu_decoder(weights, cache),
         DeviceChoice::Gpu(name) => {
@@ -170,7 +181,7 @@ pub fn make_decoder(
             // adapter, a bad selector, a missing feature: exit 1, with how to fix it) from a
             // failing device (exit 2).
             let ctx = GpuContext::new(&selector(name.as_deref())?).map_err(ModelError::Gpu)?;
-            gpu_decoder(ctx, started, &weights, cache)
+            gpu_decoder(ctx, started, &weights, cache, gpu_weights)
         }
         DeviceChoice::Auto => {
             let started = std::time::Instant::now();
@@ -180,13 +191,15 @@ pub fn make_decoder(
                 return cpu_decoder(weights, cache);
             }
             match GpuContext::new(&selector) {
-                Ok(ctx) if !ctx.is_software() => match gpu_decoder(ctx, started, &weights, cache) {
-                    Ok(chosen) => Ok(chosen),
-                    Err(e) => {
-                        log::warn!("device auto: the GPU decoder failed ({e}); using the CPU");
-                        cpu_decoder(weights, cache)
+                Ok(ctx) if !ctx.is_software() => {
+                    match gpu_decoder(ctx, started, &weights, cache, gpu_weights) {
+                        Ok(chosen) => Ok(chosen),
+                        Err(e) => {
+                            log::warn!("device auto: the GPU decoder failed ({e}); using the CPU");
+                            cpu_decoder(weights, cache)
+                        }
                     }
-                },
+                }
                 Ok(ctx) => {
                     log::info!(
                         "device auto: {} is a software adapter; using the CPU",
@@ -239,10 +252,18 @@ fn gpu_decoder(
     started: std::time::Instant,
     weights: &ModelWeights,
     cache: KvCacheConfig,
+    weight_dtype: GpuWeightDType,
 ) -> CliResult<ChosenDecoder> {
     let info = ctx.info();
-    let description = format!("gpu: {} ({:?})", info.name, info.backend);
-    let decoder = GpuDecoder::new(Arc::new(ctx), weights, cache)?;
+    let mut description = format!("gpu: {} ({:?})", info.name, info.backend);
+    if weight_dtype == GpuWeightDType::F16 {
+        description += ", f16 weights";
+    }
+    let options = GpuDecoderOptions {
+        weight_dtype,
+        ..GpuDecoderOptions::default()
+    };
+    let decoder = GpuDecoder::with_options(Arc::new(ctx), weights, cache, options)?;
     log::info!(
         "device: {description}, weights uploaded in {:.2}s, KV cache {} blocks of {} tokens ({})",
         started.elapsed().as_secs_f64(),
@@ -266,6 +287,17 @@ pub fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
         "f32" | "float32" => Ok(KvDType::F32),
         "f16" | "float16" | "half" => Ok(KvDType::F16),
         other => Err(format!("the KV cache stores f32 or f16, not `{other}`")),
+    }
+}
+
+/// Parses `--gpu-weights`.
+pub fn parse_gpu_weights(s: &str) -> Result<GpuWeightDType, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(GpuWeightDType::F32),
+        "f16" | "float16" | "half" => Ok(GpuWeightDType::F16),
+        other => Err(format!(
+            "the GPU keeps weight matrices as f32 or f16, not `{other}`"
+        )),
     }
 }
 
