@@ -617,8 +617,8 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
         return;
     };
     let device = format!("gpu:{index}");
-    let eval = |device: &str| {
-        json(&[
+    let eval = |device: &str, extra: &[&str]| {
+        let mut args = vec![
             "eval",
             "--model",
             tiny(),
@@ -628,9 +628,11 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
             device,
             "--json",
             file,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        json(&args)
     };
-    let (cpu, gpu) = (eval("cpu"), eval(&device));
+    let (cpu, gpu) = (eval("cpu", &[]), eval(&device, &[]));
     assert!(
         gpu["device"].as_str().unwrap().starts_with("gpu: "),
         "{gpu}"
@@ -639,19 +641,7 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
     let (a, b) = (cpu["ppl"].as_f64().unwrap(), gpu["ppl"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-3 * a, "cpu ppl {a}, gpu ppl {b}");
     // The same with the weight matrices rounded to f16 on the GPU.
-    let half = json(&[
-        "eval",
-        "--model",
-        tiny(),
-        "--context",
-        "32",
-        "--device",
-        &device,
-        "--gpu-weights",
-        "f16",
-        "--json",
-        file,
-    ]);
+    let half = eval(&device, &["--gpu-weights", "f16"]);
     assert!(
         half["device"].as_str().unwrap().ends_with("f16 weights"),
         "{half}"
