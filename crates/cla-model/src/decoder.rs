@@ -2,8 +2,9 @@
 //! and a batched forward step over them.
 //!
 //! [`crate::cpu::CpuDecoder`] is the reference implementation; a GPU backend implements the
-//! same trait, so generation ([`crate::generate`]) and evaluation ([`crate::perplexity`])
-//! run unchanged on either and can be checked against each other.
+//! same trait, so generation ([`crate::generate`](mod@crate::generate)) and evaluation
+//! ([`crate::perplexity`](mod@crate::perplexity)) run unchanged on either and can be checked
+//! against each other.
 //!
 //! What the two backends share lives here too, so that each keeps only what differs (the
 //! forward pass): the sequence methods come from [`SequenceCache`], which every `cla-kv`

@@ -12,9 +12,10 @@
 //! - [`ops`]: RMSNorm, RoPE, the linear layer, SiLU, softmax.
 //! - [`decoder`]: the [`Decoder`] trait every backend implements: sequences in a paged
 //!   cache and a batched forward step.
-//! - [`sampling`], [`generate`]: choosing tokens and batched generation with streaming (the
-//!   streaming callback can stop it).
-//! - [`perplexity`]: sliding-window perplexity (the metric of the paper's Table 1).
+//! - [`sampling`], [`generate`](mod@generate): choosing tokens and batched generation with
+//!   streaming (the streaming callback can stop it).
+//! - [`perplexity`](mod@perplexity): sliding-window perplexity (the metric of the paper's
+//!   Table 1).
 //!
 //! ```no_run
 //! use cla_model::{CpuDecoder, GenerationConfig, LoadedModel, cache_config_for, generate};

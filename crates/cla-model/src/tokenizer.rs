@@ -4,7 +4,7 @@
 //! BOS: [`Tokenizer::encode`] with `add_bos = true` runs the tokenizer's post-processor
 //! (Llama tokenizers add `<s>` there) and prepends `bos_token_id` from `config.json` if the
 //! post-processor did not. With `add_bos = false` no special token is added (perplexity
-//! uses that, see [`crate::perplexity`]).
+//! uses that, see [`crate::perplexity`](mod@crate::perplexity)).
 //!
 //! Streaming: SentencePiece-style vocabularies split multi-byte characters into byte pieces
 //! (`<0xE2>`, ...) and strip the leading space of the first decoded piece, so decoding one
