@@ -25,6 +25,8 @@ fn generate_greedy_json_is_deterministic_and_complete() {
         "generate",
         "--model",
         tiny(),
+        "--device",
+        "cpu",
         "--greedy",
         "--ignore-eos",
         "--max-tokens",
@@ -54,6 +56,47 @@ fn generate_greedy_json_is_deterministic_and_complete() {
     assert!(t["prefill_seconds"].as_f64().unwrap() > 0.0);
     assert!(t["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(g["device"], "cpu");
+}
+
+/// `--device auto` (the default) never settles on a software adapter: with `CLA_DEVICE`
+/// selecting one it runs on the CPU, and so it does without `CLA_DEVICE` on a machine whose
+/// adapters are all software ones.
+#[test]
+fn auto_device_is_the_cpu_without_a_hardware_gpu() {
+    let args = [
+        "generate",
+        "--model",
+        tiny(),
+        "--greedy",
+        "--max-tokens",
+        "2",
+        "--json",
+        "hi",
+    ];
+    let device = |o: &std::process::Output| {
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(o));
+        let v: Value = serde_json::from_str(stdout(o).lines().next().unwrap()).unwrap();
+        v["device"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        device(&cla_with(&args, None, &[("CLA_DEVICE", "cpu")])),
+        "cpu"
+    );
+    let listed = json(&["devices", "--json", "--no-open"]);
+    let hardware = listed["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|a| a["device_type"] != "Cpu");
+    if !hardware {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_cla"))
+            .args(args)
+            .env_remove("CLA_DEVICE")
+            .env_remove("CLA_MODEL")
+            .output()
+            .unwrap();
+        assert_eq!(device(&o), "cpu");
+    }
 }
 
 #[test]
