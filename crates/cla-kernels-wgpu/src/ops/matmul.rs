@@ -811,6 +811,9 @@ impl GpuContext {
             Epilogue::Add => (true, None),
             Epilogue::SwiGlu(up) => (false, Some(up)),
         };
+        for w in std::iter::once(w).chain(dual) {
+            self.check_binding("linear weight", w.byte_len() as u64)?;
+        }
         let key = PipelineKey {
             kernel: "matvec_wide",
             elems: vec![if f16 {
@@ -966,7 +969,6 @@ impl GpuContext {
         let (x, norm) = self.resolve(encoder, input, |rows| self.linear_fuses(rows, w))?;
         let s = linear_shape(x, w, y)?;
         if norm.is_some() {
-            self.check_binding("linear weight", w.byte_len() as u64)?;
             return self.matvec_wide(encoder, x, norm, w, y, &s, Epilogue::Store);
         }
         self.linear(encoder, x, w, y)
@@ -986,7 +988,6 @@ impl GpuContext {
     ) -> Result<()> {
         let s = linear_shape(x, w, y)?;
         if self.linear_fuses(s.m, w) {
-            self.check_binding("linear weight", w.byte_len() as u64)?;
             return self.matvec_wide(encoder, x, None, w, y, &s, Epilogue::Add);
         }
         self.linear(encoder, x, w, tmp)?;
@@ -1015,8 +1016,6 @@ impl GpuContext {
         let s = linear_shape(x, w_gate, out)?;
         linear_shape(x, w_up, out)?;
         if fuses(s.m) {
-            self.check_binding("linear weight", w_gate.byte_len() as u64)?;
-            self.check_binding("linear weight", w_up.byte_len() as u64)?;
             let epilogue = Epilogue::SwiGlu(w_up);
             return self.matvec_wide(encoder, x, norm, w_gate, out, &s, epilogue);
         }
@@ -1035,11 +1034,11 @@ impl GpuContext {
         y: &GpuTensor,
     ) -> Result<()> {
         let s = linear_shape(x, w, y)?;
-        self.check_binding("linear weight", w.byte_len() as u64)?;
         // Wide loads when every weight row starts on a 16-byte boundary.
         if s.k.is_multiple_of(wide_chunk(w.dtype) as usize) {
             return self.matvec_wide(encoder, x, None, w, y, &s, Epilogue::Store);
         }
+        self.check_binding("linear weight", w.byte_len() as u64)?;
         let st = self.elem_storage(w.dtype)?;
         let pairs = s.k.is_multiple_of(2);
         let key = PipelineKey {
