@@ -167,14 +167,8 @@ pub fn make_decoder(
     cache: KvCacheConfig,
     gpu_weights: GpuWeightDType,
 ) -> CliResult<ChosenDecoder> {
-    let cpu_decoder = |weights, cache| {
-        if gpu_weights != GpuWeightDType::F32 {
-            log::warn!("--gpu-weights applies to a GPU; the CPU decoder computes in f32");
-        }
-        cpu_decoder(weights, cache)
-    };
     match device {
-        DeviceChoice::Cpu => cpu_decoder(weights, cache),
+        DeviceChoice::Cpu => cpu_decoder(weights, cache, gpu_weights),
         DeviceChoice::Gpu(name) => {
             let started = std::time::Instant::now();
             // Errors pass as `ModelError::Gpu`: `failure` tells what the user can fix (no
@@ -188,31 +182,25 @@ pub fn make_decoder(
             let selector = selector(None)?;
             if selector.filter == AdapterFilter::Cpu {
                 log::info!("device auto: {DEVICE_ENV} selects a software adapter; using the CPU");
-                return cpu_decoder(weights, cache);
+                return cpu_decoder(weights, cache, gpu_weights);
             }
             match GpuContext::new(&selector) {
-                Ok(ctx) if !ctx.is_software() => {
-                    match gpu_decoder(ctx, started, &weights, cache, gpu_weights) {
-                        Ok(chosen) => Ok(chosen),
-                        Err(e) => {
-                            log::warn!("device auto: the GPU decoder failed ({e}); using the CPU");
-                            cpu_decoder(weights, cache)
-                        }
+                Ok(ctx) if ctx.is_software() => {
+                    let name = &ctx.info().name;
+                    log::info!("device auto: {name} is a software adapter; using the CPU");
+                }
+                Ok(ctx) => match gpu_decoder(ctx, started, &weights, cache, gpu_weights) {
+                    Ok(chosen) => return Ok(chosen),
+                    Err(e) => {
+                        log::warn!("device auto: the GPU decoder failed ({e}); using the CPU")
                     }
-                }
-                Ok(ctx) => {
-                    log::info!(
-                        "device auto: {} is a software adapter; using the CPU",
-                        ctx.info().name
-                    );
-                    cpu_decoder(weights, cache)
-                }
+                },
                 Err(e) => {
                     log::info!("device auto: no hardware GPU; using the CPU");
                     log::debug!("device auto: {e}");
-                    cpu_decoder(weights, cache)
                 }
             }
+            cpu_decoder(weights, cache, gpu_weights)
         }
     }
 }
@@ -232,7 +220,15 @@ fn selector(name: Option<&str>) -> CliResult<DeviceSelector> {
     Ok(selector)
 }
 
-fn cpu_decoder(weights: Arc<ModelWeights>, cache: KvCacheConfig) -> CliResult<ChosenDecoder> {
+/// The CPU decoder; `gpu_weights` other than f32 were asked for a GPU and are ignored here.
+fn cpu_decoder(
+    weights: Arc<ModelWeights>,
+    cache: KvCacheConfig,
+    gpu_weights: GpuWeightDType,
+) -> CliResult<ChosenDecoder> {
+    if gpu_weights != GpuWeightDType::F32 {
+        log::warn!("--gpu-weights applies to a GPU; the CPU decoder computes in f32");
+    }
     let decoder = CpuDecoder::new(weights, cache)?;
     log::info!(
         "device: cpu ({} threads), KV cache {} blocks of {} tokens ({})",
