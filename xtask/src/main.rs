@@ -112,11 +112,27 @@ fn bench_smoke() -> Result<()> {
         .try_for_each(|(package, example, args, expect)| {
             let out = dir.join(format!("{example}.json"));
             let out_arg = out.to_string_lossy().into_owned();
+            let kernels = dir.join("kernels");
+            let kernels_arg = kernels.to_string_lossy().into_owned();
             let mut all: Vec<&str> =
                 vec!["run", "--quiet", "-p", package, "--example", example, "--"];
             all.extend_from_slice(args);
+            if *example == "gpu_bench" {
+                all.extend_from_slice(&["--dump-kernels", &kernels_arg]);
+            }
             all.push(&out_arg);
             cargo_with_env(&all, &[("CLA_DEVICE", "cpu")])?;
+            if *example == "gpu_bench" {
+                let dumped = std::fs::read_dir(&kernels)
+                    .map(|d| d.filter_map(|e| e.ok()).count())
+                    .unwrap_or(0);
+                if dumped == 0 {
+                    bail!(
+                        "gpu_bench --dump-kernels wrote no kernel sources to {}",
+                        kernels.display()
+                    );
+                }
+            }
             let report = std::fs::read_to_string(&out)
                 .with_context(|| format!("{example} wrote no report at {}", out.display()))?;
             if !report.contains(expect) {

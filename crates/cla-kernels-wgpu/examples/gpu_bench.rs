@@ -80,6 +80,8 @@ struct Args {
     /// Names from [`ATTN_LAYOUTS`] and [`DECODE_KERNELS`] to time (None: all).
     layouts: Option<Vec<String>>,
     kernels: Option<Vec<String>>,
+    /// Where to write the generated WGSL of every kernel variant built (for `kernel_stats`).
+    dump_kernels: Option<std::path::PathBuf>,
     out: String,
 }
 
@@ -124,6 +126,7 @@ fn parse_args() -> BenchResult<Args> {
     let mut ref_tflops = None;
     let mut out = None;
     let mut only = None;
+    let mut dump_kernels = None;
     let (mut layouts, mut kernels) = (None, None);
     let (mut contexts, mut batches, mut chunks) = (None, None, Vec::new());
     let mut it = std::env::args().skip(1);
@@ -155,6 +158,9 @@ fn parse_args() -> BenchResult<Args> {
             "--contexts" => contexts = Some(usize_list("--contexts", it.next())?),
             "--batches" => batches = Some(usize_list("--batches", it.next())?),
             "--chunks" => chunks = usize_list("--chunks", it.next())?,
+            "--dump-kernels" => {
+                dump_kernels = Some(it.next().ok_or("--dump-kernels needs a directory")?.into())
+            }
             "--ref-tflops" => {
                 ref_tflops = Some(
                     it.next()
@@ -165,7 +171,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] [--dump-kernels DIR] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -183,6 +189,7 @@ fn parse_args() -> BenchResult<Args> {
         chunks,
         layouts,
         kernels,
+        dump_kernels,
         out: out.ok_or("usage: gpu_bench [--quick] [--device SEL] ... OUT.json (see --help)")?,
     })
 }
@@ -982,7 +989,28 @@ fn main() -> BenchResult<()> {
         );
     }
     js.push_str("  ]\n}\n");
-    std::fs::write(&args.out, js)?;
+    write_atomic(std::path::Path::new(&args.out), &js)?;
     println!("\nwrote {}", args.out);
+    if let Some(dir) = &args.dump_kernels {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let sources = ctx.kernel_sources();
+        for (name, src) in &sources {
+            write_atomic(&dir.join(format!("{name}.wgsl")), src)?;
+        }
+        println!(
+            "wrote {} kernel sources to {}",
+            sources.len(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` through a temporary file in the same directory, so an existing
+/// file is replaced whole or not at all.
+fn write_atomic(path: &std::path::Path, text: &str) -> BenchResult<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(())
 }

@@ -561,6 +561,13 @@ impl GpuContext {
     pub fn pipeline_names(&self) -> Vec<String> {
         self.pipelines.names()
     }
+
+    /// The name and generated WGSL source of each pipeline variant built so far, sorted by
+    /// name: what the driver compiled, for offline study (the `kernel_stats` example reads
+    /// the driver's register counts for them).
+    pub fn kernel_sources(&self) -> Vec<(String, String)> {
+        self.pipelines.sources()
+    }
 }
 
 #[cfg(test)]

@@ -174,6 +174,8 @@ pub(crate) enum Bind {
 pub(crate) struct Kernel {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
+    /// The WGSL the pipeline was built from (for [`GpuContext::kernel_sources`]).
+    pub source: String,
 }
 
 /// Lazily filled map from key to pipeline.
@@ -235,6 +237,20 @@ struct BindKey {
 }
 
 impl PipelineCache {
+    pub(crate) fn sources(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .map
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.name(), v.source.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     pub(crate) fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .map
@@ -294,7 +310,7 @@ impl GpuContext {
             });
         let desc = wgpu::ShaderModuleDescriptor {
             label: Some(&name),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
+            source: wgpu::ShaderSource::Wgsl(src.as_str().into()),
         };
         let module = if self.features().unchecked_shaders {
             // SAFETY: every dispatch of a kernel goes through its wrapper in `ops`, which
@@ -325,7 +341,11 @@ impl GpuContext {
                 message: err.to_string(),
             });
         }
-        let k = Arc::new(Kernel { pipeline, layout });
+        let k = Arc::new(Kernel {
+            pipeline,
+            layout,
+            source: src,
+        });
         self.pipelines
             .map
             .lock()

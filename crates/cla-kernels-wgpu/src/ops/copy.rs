@@ -106,4 +106,38 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn built_kernels_report_the_source_they_were_built_from() {
+        let c = crate::testing::ctx();
+        let n = 64;
+        let src = c.upload_f32(&values(1, n), &[n]).unwrap();
+        let dst = c.create_tensor(&[n], DType::F32, "dst").unwrap();
+        let mut enc = c.encoder();
+        c.copy_tensor(&mut enc, &src, &dst).unwrap();
+        c.submit_and_wait(enc).unwrap();
+        let sources = c.kernel_sources();
+        // (Other tests share the context and may add pipelines meanwhile; none are removed.)
+        let built = c.pipeline_names();
+        for (name, _) in &sources {
+            assert!(built.contains(name), "{name}: a source without a pipeline");
+        }
+        let (name, wgsl) = sources
+            .iter()
+            .find(|(n, _)| n.starts_with("copy_"))
+            .expect("the copy kernel is among the built ones");
+        // What is reported is the generated WGSL itself: placeholders filled, valid as is.
+        assert!(
+            !wgsl.contains("{{"),
+            "{name}: placeholders left in the source"
+        );
+        let module = wgpu::naga::front::wgsl::parse_str(wgsl)
+            .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
+        wgpu::naga::valid::Validator::new(
+            wgpu::naga::valid::ValidationFlags::all(),
+            wgpu::naga::valid::Capabilities::all(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(wgsl)));
+    }
 }
