@@ -431,6 +431,10 @@ fn main() -> BenchResult<()> {
     let picked = |list: &Option<Vec<String>>, name: &str| {
         list.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
     };
+    // Copies moving as many bytes as a decode call reads (half read, half written), by size:
+    // what one call's worth of traffic costs even for the simplest kernel, fixed costs and
+    // all, next to the ceiling's 512 MiB.
+    let mut same_traffic: std::collections::HashMap<u64, f64> = Default::default();
     let layouts = ATTN_LAYOUTS
         .into_iter()
         .filter(|(label, ..)| want("attn") && picked(&args.layouts, label));
@@ -492,6 +496,31 @@ fn main() -> BenchResult<()> {
                     layout,
                 };
                 let bytes = (batch * context) as f64 * f64::from(n_kv_heads * hd) * 2.0 * 2.0;
+                let half = (bytes as u64 / 2).div_ceil(16) * 16;
+                if let std::collections::hash_map::Entry::Vacant(slot) = same_traffic.entry(half) {
+                    let elems = (half / 4) as usize;
+                    let a = ctx.create_tensor(&[elems], DType::F32, "same-traffic src")?;
+                    let b = ctx.create_tensor(&[elems], DType::F32, "same-traffic dst")?;
+                    let secs = timer.time_in_pass(if q { 2 } else { 20 }, &mut |enc| {
+                        ctx.copy_tensor(enc, &a, &b)
+                    })?;
+                    let bw = 2.0 * half as f64 / secs;
+                    slot.insert(bw);
+                    eprintln!(
+                        "copy of {} bytes (a decode call's traffic at batch {batch}, context {context}): {:.1} GB/s, {}",
+                        2 * half,
+                        bw / 1e9,
+                        pct(bw)
+                    );
+                    rows.push(Row {
+                        kind: "copy_same_traffic",
+                        params: vec![("bytes", half.to_string())],
+                        seconds: secs,
+                        bytes_per_s: Some(bw),
+                        flops: None,
+                        note: format!("compute copy in one pass, read+write bytes; {}", pct(bw)),
+                    });
+                }
                 let runs = DECODE_KERNELS
                     .into_iter()
                     .filter(|(name, _)| picked(&args.kernels, name))
