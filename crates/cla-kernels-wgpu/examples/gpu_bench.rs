@@ -14,7 +14,7 @@
 //! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
 //!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8), contexts 1k..32k,
 //!   batches 1..64 (`--contexts`, `--batches` narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
-//!   (tiled, lanes, coop; see `DecodeKernel`), with the split heuristic's keys per split and
+//!   (tiled, lanes, lanes-wide, coop; see `DecodeKernel`), with the split heuristic's keys per split and
 //!   with each of `--chunks N,..`; the repetitions are recorded into one compute pass, as the
 //!   decoder records a step. Configurations whose K/V region exceeds the adapter's
 //!   storage-binding limit are skipped.
@@ -51,7 +51,7 @@
 //! ```text
 //! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X]
 //!     [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..]
-//!     [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] OUT.json
+//!     [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,lanes-wide,coop] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -88,9 +88,10 @@ struct Args {
 /// Attention layouts of the decode sweep: name, query heads, K/V heads.
 const ATTN_LAYOUTS: [(&str, u32, u32); 3] = [("mqa", 32, 1), ("mqa16", 16, 1), ("gqa4", 32, 8)];
 /// Decode kernels of the sweep, by their names on the command line and in the report.
-const DECODE_KERNELS: [(&str, DecodeKernel); 3] = [
+const DECODE_KERNELS: [(&str, DecodeKernel); 4] = [
     ("tiled", DecodeKernel::Tiled),
     ("lanes", DecodeKernel::Lanes),
+    ("lanes-wide", DecodeKernel::LanesWide),
     ("coop", DecodeKernel::Coop),
 ];
 
@@ -171,7 +172,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,coop] [--dump-kernels DIR] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,lanes-wide,coop] [--dump-kernels DIR] OUT.json"
                 );
                 std::process::exit(0);
             }

@@ -320,6 +320,13 @@ pub enum DecodeKernel {
     /// workgroup each), K and V of one dtype, and head_dim, strides and bases that are
     /// multiples of one 16-byte load.
     Lanes,
+    /// The lane-group kernel with half the lanes per key row, each loading twice the dims,
+    /// and half the keys per lane group per iteration: a quarter of the shuffles per key and
+    /// more registers (one fewer resident workgroup per SM). Faster when the dispatch has
+    /// many workgroups, slower when it has few (see [`LANES_WIDE_MIN_WORKGROUPS`]), which is
+    /// how `Auto` chooses between the two. Needs what `Lanes` needs plus an f16 pool and at
+    /// most 4 query heads per workgroup.
+    LanesWide,
     /// Tensor cores (`shaders/attn_decode_coop.wgsl`): needs 16x16x16 f16 -> f32 cooperative
     /// matrices in subgroups of 32 ([`GpuContext::coopmat_f16_available`]) and subgroup
     /// operations, an f16 pool, a group that is a multiple of 16 query heads per K/V head,
@@ -350,6 +357,13 @@ pub const LANES_MIN_SHARE: u32 = 4;
 /// 4-11% faster wherever it still gave 256 workgroups or more, 18-27% slower where it did not.
 const LANES_MIN_CHUNK: usize = 256;
 const LANES_FEW_WORKGROUPS: usize = 256;
+/// Fewest workgroups (at [`LANES_MIN_CHUNK`] keys per split) for which `Auto` runs
+/// [`DecodeKernel::LanesWide`] instead of [`DecodeKernel::Lanes`]. Measured on the H200 (GQA4,
+/// head_dim 128, f16 pool, in one run), wide against narrow: +2-5% at 256-512 workgroups
+/// (batch 1, 8k-16k keys), -7-8% at 1 024 (batch 1 at 32k, batch 4 at 8k), +1% at 2 048,
+/// +6-10% from 4 096 (batch 4 at 32k, batch 16 at 8k-32k: 66-71% -> 70-78% of the copy
+/// ceiling); registers per thread 168 -> 227 (three resident workgroups per SM -> two).
+pub const LANES_WIDE_MIN_WORKGROUPS: usize = 4096;
 /// Threads per lane-group workgroup (at least).
 const LANES_WG: u32 = 128;
 
@@ -376,6 +390,33 @@ impl LanesPlan {
     /// Keys a workgroup takes per iteration.
     fn keys_per_iter(&self) -> u32 {
         self.wg / self.l * self.t
+    }
+
+    /// The [`DecodeKernel::LanesWide`] form of this plan: half the lanes per row with twice
+    /// the loads each, two keys per lane group per iteration.
+    fn widened(&self) -> std::result::Result<LanesPlan, String> {
+        if self.vw != 8 {
+            return Err("the wide lane-group kernel needs an f16 pool".into());
+        }
+        if self.heads > 4 {
+            return Err(format!(
+                "the wide lane-group kernel takes at most 4 query heads per workgroup, this group \
+                 needs {}",
+                self.heads
+            ));
+        }
+        if self.l < 4 {
+            return Err(format!(
+                "head_dim too small for the wide lane-group kernel ({} lanes per row)",
+                self.l
+            ));
+        }
+        Ok(LanesPlan {
+            l: self.l / 2,
+            nv: self.nv * 2,
+            t: 2,
+            ..*self
+        })
     }
 }
 
@@ -757,6 +798,32 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
     )
 }
 
+/// What [`DecodeKernel::Auto`] runs: the first kernel that applies in the order of
+/// `choices` (tensor cores, lanes, tiled), except that the lane-group kernel becomes its wide
+/// form when the dispatch would have at least [`LANES_WIDE_MIN_WORKGROUPS`] workgroups at the
+/// lane kernel's fewest keys per split (`workgroups(row_groups)`).
+fn auto_choice(
+    choices: &[(DecodeKernel, std::result::Result<DecodeChoice, String>)],
+    workgroups: impl Fn(u32) -> usize,
+) -> Option<DecodeChoice> {
+    let first = choices
+        .iter()
+        .filter(|(k, _)| *k != DecodeKernel::LanesWide)
+        .find_map(|(_, r)| r.as_ref().ok().copied());
+    let wide = choices
+        .iter()
+        .find(|(k, _)| *k == DecodeKernel::LanesWide)
+        .and_then(|(_, r)| r.as_ref().ok().copied());
+    match (first, wide) {
+        (Some(DecodeChoice::Lanes(p)), Some(wide))
+            if workgroups(p.row_groups) >= LANES_WIDE_MIN_WORKGROUPS =>
+        {
+            Some(wide)
+        }
+        (first, _) => first,
+    }
+}
+
 /// The kernel a decode call runs, with its plan.
 #[derive(Debug, Clone, Copy)]
 enum DecodeChoice {
@@ -999,7 +1066,7 @@ impl GpuContext {
         &self,
         c: &Checked,
         ch: u32,
-    ) -> Result<[(DecodeKernel, std::result::Result<DecodeChoice, String>); 3]> {
+    ) -> Result<[(DecodeKernel, std::result::Result<DecodeChoice, String>); 4]> {
         let f = self.features();
         // Subgroup shuffles reduce over NKT lanes: usable when NKT fits in the smallest
         // subgroup the adapter may run.
@@ -1010,7 +1077,12 @@ impl GpuContext {
         };
         let tiled = decode_plan(c.hd, c.group, f.max_workgroup_storage, nkt_cap)?;
         let sub = f.subgroup.then_some(f.subgroup_size);
-        let lanes = lanes_plan(c.hd, c.group, c.sk, c.sv, ch, sub).map(DecodeChoice::Lanes);
+        let lanes = lanes_plan(c.hd, c.group, c.sk, c.sv, ch, sub);
+        let wide = lanes
+            .clone()
+            .and_then(|p| p.widened())
+            .map(DecodeChoice::Lanes);
+        let lanes = lanes.map(DecodeChoice::Lanes);
         let coop = coop_plan(
             c.hd,
             c.group,
@@ -1025,6 +1097,7 @@ impl GpuContext {
         Ok([
             (DecodeKernel::Coop, coop),
             (DecodeKernel::Lanes, lanes),
+            (DecodeKernel::LanesWide, wide),
             (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
         ])
     }
@@ -1072,9 +1145,15 @@ impl GpuContext {
             })
             .unwrap_or(1);
 
+        let max_kv = batch.max_kv_len.max(1);
+        // Workgroups of one split of every sequence and K/V head.
+        let per_split =
+            |row_groups: u32| batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         let choices = self.decode_choices(&c, ch)?;
         let choice = match opts.kernel {
-            DecodeKernel::Auto => choices.into_iter().find_map(|(_, r)| r.ok()),
+            DecodeKernel::Auto => auto_choice(&choices, |row_groups| {
+                max_kv.div_ceil(LANES_MIN_CHUNK) * per_split(row_groups)
+            }),
             want => match choices.into_iter().find(|(k, _)| *k == want) {
                 Some((_, Ok(choice))) => Some(choice),
                 Some((_, Err(why))) => {
@@ -1085,10 +1164,6 @@ impl GpuContext {
         }
         .ok_or_else(|| GpuError::NotAvailable("attention_decode: no kernel applies".into()))?;
 
-        let max_kv = batch.max_kv_len.max(1);
-        // Workgroups of one split of every sequence and K/V head.
-        let per_split =
-            |row_groups: u32| batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         // Per kernel: workgroups per (sequence, K/V head) and split, the key granularity a
         // split should be a multiple of, the fewest keys per split (each split re-reads the
         // query rows and writes partial rows, which must stay small next to its K/V), and

@@ -230,7 +230,12 @@ impl Scenario {
         if decode {
             // Every decode kernel the device can run for this scenario (Auto picks one of
             // them).
-            for kernel in [DecodeKernel::Tiled, DecodeKernel::Lanes, DecodeKernel::Coop] {
+            for kernel in [
+                DecodeKernel::Tiled,
+                DecodeKernel::Lanes,
+                DecodeKernel::LanesWide,
+                DecodeKernel::Coop,
+            ] {
                 self.run_with(c, Some(kernel));
             }
         } else {
@@ -500,6 +505,13 @@ fn decode_kernels_are_available_where_expected() {
             };
             let ran = s.run_with(c, Some(DecodeKernel::Lanes));
             assert_eq!(ran, f.subgroup, "lane-group kernel, {s:?}");
+            // The wide form: f16 pools and groups of up to 4 query heads.
+            let ran = s.run_with(c, Some(DecodeKernel::LanesWide));
+            assert_eq!(
+                ran,
+                f.subgroup && f16 && group <= 4,
+                "wide lane-group kernel, {s:?}"
+            );
             assert!(s.run_with(c, Some(DecodeKernel::Tiled)));
         }
     }
@@ -562,6 +574,18 @@ fn fast_decode_kernels_pass_naga_validation() {
             assert_eq!(p.heads * p.row_groups, group, "{p:?}");
             let src = super::lanes_source("v", hd, 16, st == f32s, &p).unwrap();
             validate(format!("lanes hd {hd} group {group} {p:?}"), src);
+            match p.widened() {
+                Ok(w) => {
+                    assert!(st == f16 && p.heads <= 4, "{p:?}");
+                    assert_eq!((w.l * 2, w.nv, w.t), (p.l, p.nv * 2, 2), "{w:?}");
+                    let src = super::lanes_source("v", hd, 16, false, &w).unwrap();
+                    validate(format!("wide lanes hd {hd} group {group} {w:?}"), src);
+                }
+                Err(why) => assert!(
+                    st == f32s || p.heads > 4 || p.l < 4,
+                    "{p:?}: no wide form ({why})"
+                ),
+            }
         }
     }
     // What the plan refuses, and says so.
@@ -730,4 +754,68 @@ fn coop_splits_cover_a_block_exactly() {
             }
         }
     }
+}
+
+/// `Auto` takes the tensor-core kernel where it applies, else the lane kernel, switching to
+/// its wide form exactly from `LANES_WIDE_MIN_WORKGROUPS` workgroups, else the tiled kernel.
+#[test]
+fn auto_takes_the_wide_lane_kernel_only_for_large_dispatches() {
+    use super::{DecodeChoice, auto_choice};
+    let f16 = crate::ElemStorage::F16;
+    let p = super::lanes_plan(128, 4, f16, f16, 8, Some((32, 32))).unwrap();
+    let w = p.widened().unwrap();
+    let tiled = super::decode_plan(128, 4, 49152, 32).unwrap();
+    let packed = crate::ElemStorage::F16Packed;
+    let coop = super::coop_plan(128, 32, packed, packed, 8, true, true, 49152).unwrap();
+    let choices = |with_coop: bool, wide: bool| {
+        [
+            (
+                DecodeKernel::Coop,
+                if with_coop {
+                    Ok(DecodeChoice::Coop(coop))
+                } else {
+                    Err("no".to_string())
+                },
+            ),
+            (DecodeKernel::Lanes, Ok(DecodeChoice::Lanes(p))),
+            (
+                DecodeKernel::LanesWide,
+                if wide {
+                    Ok(DecodeChoice::Lanes(w))
+                } else {
+                    Err("no".to_string())
+                },
+            ),
+            (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
+        ]
+    };
+    let lanes_of = |c: Option<DecodeChoice>| match c {
+        Some(DecodeChoice::Lanes(x)) => Some(x),
+        _ => None,
+    };
+    let min = super::LANES_WIDE_MIN_WORKGROUPS;
+    // Row groups reach the estimate (one per K/V head here).
+    let auto = |with_coop, wide, n: usize| {
+        auto_choice(&choices(with_coop, wide), |rg| {
+            assert_eq!(rg, p.row_groups);
+            n
+        })
+    };
+    assert_eq!(lanes_of(auto(false, true, min - 1)), Some(p));
+    assert_eq!(lanes_of(auto(false, true, min)), Some(w));
+    assert_eq!(lanes_of(auto(false, false, min * 4)), Some(p));
+    // The tensor-core kernel, where it applies, wins whatever the size.
+    for n in [1, min, min * 4] {
+        assert!(matches!(auto(true, true, n), Some(DecodeChoice::Coop(_))));
+    }
+    let no_lanes = [
+        (DecodeKernel::Coop, Err("no".to_string())),
+        (DecodeKernel::Lanes, Err("no".to_string())),
+        (DecodeKernel::LanesWide, Err("no".to_string())),
+        (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
+    ];
+    assert!(matches!(
+        auto_choice(&no_lanes, |_| min),
+        Some(DecodeChoice::Tiled(_))
+    ));
 }
