@@ -307,8 +307,8 @@ fn kv_chunk_decl(
 #[non_exhaustive]
 pub enum DecodeKernel {
     /// The fastest kernel that the device, the pool and the group size allow: the
-    /// tensor-core kernel where it applies, else the lane-group kernel, else the tiled
-    /// kernel.
+    /// tensor-core kernel where it applies, else the wide lane-group kernel, else the
+    /// lane-group kernel, else the tiled kernel.
     #[default]
     Auto,
     /// The portable tiled kernel (`shaders/attn_decode.wgsl`): any adapter, head_dim, pool
@@ -321,11 +321,14 @@ pub enum DecodeKernel {
     /// multiples of one 16-byte load.
     Lanes,
     /// The lane-group kernel with half the lanes per key row, each loading twice the dims,
-    /// and half the keys per lane group per iteration: a quarter of the shuffles per key and
-    /// more registers (one fewer resident workgroup per SM). Faster when the dispatch has
-    /// many workgroups, slower when it has few (see [`LANES_WIDE_MIN_WORKGROUPS`]), which is
-    /// how `Auto` chooses between the two. Needs what `Lanes` needs plus an f16 pool and at
-    /// most 4 query heads per workgroup.
+    /// and half the keys per lane group per iteration: a quarter of the shuffles per key, more
+    /// registers (one fewer resident workgroup per SM), and longer splits (the dispatch aims
+    /// for [`LANES_WIDE_TARGET_WORKGROUPS`], one wave of two per SM on a 132-SM GPU). Needs
+    /// what `Lanes` needs plus an f16 pool and at most 4 query heads per workgroup. Measured
+    /// on the H200 (GQA4, head_dim 128, batch 1-64, 1k-32k keys, one run): faster than
+    /// `Lanes` by up to 29% (38% -> 63% of the copy ceiling at batch 4 / 8k, 53% -> 63% at
+    /// batch 1 / 32k, 55% -> 71% at batch 64 / 1k), equal or 2% slower below 4k keys at
+    /// batch 1-4.
     LanesWide,
     /// Tensor cores (`shaders/attn_decode_coop.wgsl`): needs 16x16x16 f16 -> f32 cooperative
     /// matrices in subgroups of 32 ([`GpuContext::coopmat_f16_available`]) and subgroup
@@ -357,13 +360,12 @@ pub const LANES_MIN_SHARE: u32 = 4;
 /// 4-11% faster wherever it still gave 256 workgroups or more, 18-27% slower where it did not.
 const LANES_MIN_CHUNK: usize = 256;
 const LANES_FEW_WORKGROUPS: usize = 256;
-/// Fewest workgroups (at [`LANES_MIN_CHUNK`] keys per split) for which `Auto` runs
-/// [`DecodeKernel::LanesWide`] instead of [`DecodeKernel::Lanes`]. Measured on the H200 (GQA4,
-/// head_dim 128, f16 pool, in one run), wide against narrow: +2-5% at 256-512 workgroups
-/// (batch 1, 8k-16k keys), -7-8% at 1 024 (batch 1 at 32k, batch 4 at 8k), +1% at 2 048,
-/// +6-10% from 4 096 (batch 4 at 32k, batch 16 at 8k-32k: 66-71% -> 70-78% of the copy
-/// ceiling); registers per thread 168 -> 227 (three resident workgroups per SM -> two).
-pub const LANES_WIDE_MIN_WORKGROUPS: usize = 4096;
+/// Workgroups a [`DecodeKernel::LanesWide`] dispatch aims for (at least
+/// [`LANES_MIN_CHUNK`] keys per split). Measured on the H200 (GQA4, head_dim 128, batch 1-64,
+/// 4k-32k keys): 256 against 512 faster by up to 11% (batch 1 / 32k: 63% against 57% of the
+/// copy ceiling), never slower; against the lane kernel's 1 024, see
+/// [`DecodeKernel::LanesWide`].
+pub const LANES_WIDE_TARGET_WORKGROUPS: usize = 256;
 /// Threads per lane-group workgroup (at least).
 const LANES_WG: u32 = 128;
 
@@ -384,6 +386,8 @@ struct LanesPlan {
     wg: u32,
     /// Most subgroups per workgroup (smallest subgroup size).
     max_sg: u32,
+    /// The [`DecodeKernel::LanesWide`] form (see [`LanesPlan::widened`]).
+    wide: bool,
 }
 
 impl LanesPlan {
@@ -415,6 +419,7 @@ impl LanesPlan {
             l: self.l / 2,
             nv: self.nv * 2,
             t: 2,
+            wide: true,
             ..*self
         })
     }
@@ -472,6 +477,7 @@ fn lanes_plan(
         t,
         wg,
         max_sg: wg / sg_min.max(1),
+        wide: false,
     })
 }
 
@@ -798,32 +804,6 @@ fn coop_source(name: &str, hd: u32, block_size: u32, p: &CoopPlan) -> Result<Str
     )
 }
 
-/// What [`DecodeKernel::Auto`] runs: the first kernel that applies in the order of
-/// `choices` (tensor cores, lanes, tiled), except that the lane-group kernel becomes its wide
-/// form when the dispatch would have at least [`LANES_WIDE_MIN_WORKGROUPS`] workgroups at the
-/// lane kernel's fewest keys per split (`workgroups(row_groups)`).
-fn auto_choice(
-    choices: &[(DecodeKernel, std::result::Result<DecodeChoice, String>)],
-    workgroups: impl Fn(u32) -> usize,
-) -> Option<DecodeChoice> {
-    let first = choices
-        .iter()
-        .filter(|(k, _)| *k != DecodeKernel::LanesWide)
-        .find_map(|(_, r)| r.as_ref().ok().copied());
-    let wide = choices
-        .iter()
-        .find(|(k, _)| *k == DecodeKernel::LanesWide)
-        .and_then(|(_, r)| r.as_ref().ok().copied());
-    match (first, wide) {
-        (Some(DecodeChoice::Lanes(p)), Some(wide))
-            if workgroups(p.row_groups) >= LANES_WIDE_MIN_WORKGROUPS =>
-        {
-            Some(wide)
-        }
-        (first, _) => first,
-    }
-}
-
 /// The kernel a decode call runs, with its plan.
 #[derive(Debug, Clone, Copy)]
 enum DecodeChoice {
@@ -1096,8 +1076,8 @@ impl GpuContext {
         .map(DecodeChoice::Coop);
         Ok([
             (DecodeKernel::Coop, coop),
-            (DecodeKernel::Lanes, lanes),
             (DecodeKernel::LanesWide, wide),
+            (DecodeKernel::Lanes, lanes),
             (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
         ])
     }
@@ -1151,9 +1131,7 @@ impl GpuContext {
             |row_groups: u32| batch.n_seqs * l.n_kv_heads as usize * row_groups as usize;
         let choices = self.decode_choices(&c, ch)?;
         let choice = match opts.kernel {
-            DecodeKernel::Auto => auto_choice(&choices, |row_groups| {
-                max_kv.div_ceil(LANES_MIN_CHUNK) * per_split(row_groups)
-            }),
+            DecodeKernel::Auto => choices.into_iter().find_map(|(_, r)| r.ok()),
             want => match choices.into_iter().find(|(k, _)| *k == want) {
                 Some((_, Ok(choice))) => Some(choice),
                 Some((_, Err(why))) => {
@@ -1185,7 +1163,11 @@ impl GpuContext {
                     } else {
                         LANES_MIN_CHUNK
                     },
-                    DECODE_TARGET_WORKGROUPS,
+                    if p.wide {
+                        LANES_WIDE_TARGET_WORKGROUPS
+                    } else {
+                        DECODE_TARGET_WORKGROUPS
+                    },
                 )
             }
             DecodeChoice::Coop(p) => (

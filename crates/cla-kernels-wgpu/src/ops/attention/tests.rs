@@ -756,66 +756,51 @@ fn coop_splits_cover_a_block_exactly() {
     }
 }
 
-/// `Auto` takes the tensor-core kernel where it applies, else the lane kernel, switching to
-/// its wide form exactly from `LANES_WIDE_MIN_WORKGROUPS` workgroups, else the tiled kernel.
+/// `Auto` runs the first kernel that applies in the order `decode_choices` lists them:
+/// tensor cores, the wide lane kernel, the lane kernel, the tiled kernel; each refusal says
+/// why.
 #[test]
-fn auto_takes_the_wide_lane_kernel_only_for_large_dispatches() {
-    use super::{DecodeChoice, auto_choice};
-    let f16 = crate::ElemStorage::F16;
-    let p = super::lanes_plan(128, 4, f16, f16, 8, Some((32, 32))).unwrap();
-    let w = p.widened().unwrap();
-    let tiled = super::decode_plan(128, 4, 49152, 32).unwrap();
+fn auto_prefers_tensor_cores_then_the_wide_lane_kernel() {
+    let c = ctx();
+    let f = c.features();
     let packed = crate::ElemStorage::F16Packed;
-    let coop = super::coop_plan(128, 32, packed, packed, 8, true, true, 49152).unwrap();
-    let choices = |with_coop: bool, wide: bool| {
+    let checked = |group: u32, st| super::Checked {
+        n_q_heads: 2 * group,
+        group,
+        hd: 128,
+        sk: st,
+        sv: st,
+    };
+    let order = |ch: &[(DecodeKernel, Result<super::DecodeChoice, String>); 4]| {
+        ch.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    };
+    let gqa4 = c.decode_choices(&checked(4, packed), 8).unwrap();
+    assert_eq!(
+        order(&gqa4),
         [
-            (
-                DecodeKernel::Coop,
-                if with_coop {
-                    Ok(DecodeChoice::Coop(coop))
-                } else {
-                    Err("no".to_string())
-                },
-            ),
-            (DecodeKernel::Lanes, Ok(DecodeChoice::Lanes(p))),
-            (
-                DecodeKernel::LanesWide,
-                if wide {
-                    Ok(DecodeChoice::Lanes(w))
-                } else {
-                    Err("no".to_string())
-                },
-            ),
-            (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
+            DecodeKernel::Coop,
+            DecodeKernel::LanesWide,
+            DecodeKernel::Lanes,
+            DecodeKernel::Tiled
         ]
-    };
-    let lanes_of = |c: Option<DecodeChoice>| match c {
-        Some(DecodeChoice::Lanes(x)) => Some(x),
-        _ => None,
-    };
-    let min = super::LANES_WIDE_MIN_WORKGROUPS;
-    // Row groups reach the estimate (one per K/V head here).
-    let auto = |with_coop, wide, n: usize| {
-        auto_choice(&choices(with_coop, wide), |rg| {
-            assert_eq!(rg, p.row_groups);
-            n
-        })
-    };
-    assert_eq!(lanes_of(auto(false, true, min - 1)), Some(p));
-    assert_eq!(lanes_of(auto(false, true, min)), Some(w));
-    assert_eq!(lanes_of(auto(false, false, min * 4)), Some(p));
-    // The tensor-core kernel, where it applies, wins whatever the size.
-    for n in [1, min, min * 4] {
-        assert!(matches!(auto(true, true, n), Some(DecodeChoice::Coop(_))));
+    );
+    // Four query heads per K/V head: no tensor cores (groups of 16 or more), the wide lane
+    // kernel wherever there are subgroups.
+    assert!(gqa4[0].1.is_err());
+    assert_eq!(gqa4[1].1.is_ok(), f.subgroup, "{:?}", gqa4[1].1);
+    // An f32 pool or a group of 8: the lane kernel, not its wide form (which says why).
+    let f32pool = c
+        .decode_choices(&checked(4, crate::ElemStorage::F32), 4)
+        .unwrap();
+    let why = f32pool[1].1.as_ref().map(|_| ()).unwrap_err();
+    assert!(why.contains("f16"), "{why}");
+    assert_eq!(f32pool[2].1.is_ok(), f.subgroup);
+    let gqa8 = c.decode_choices(&checked(8, packed), 8).unwrap();
+    if f.subgroup {
+        let why = gqa8[1].1.as_ref().map(|_| ()).unwrap_err();
+        assert!(why.contains("at most 4"), "{why}");
+        assert!(gqa8[2].1.is_ok());
     }
-    let no_lanes = [
-        (DecodeKernel::Coop, Err("no".to_string())),
-        (DecodeKernel::Lanes, Err("no".to_string())),
-        (DecodeKernel::LanesWide, Err("no".to_string())),
-        (DecodeKernel::Tiled, Ok(DecodeChoice::Tiled(tiled))),
-    ];
-    assert!(matches!(
-        auto_choice(&no_lanes, |_| min),
-        Some(DecodeChoice::Tiled(_))
-    ));
+    // The tiled kernel always applies.
+    assert!(gqa4[3].1.is_ok() && f32pool[3].1.is_ok() && gqa8[3].1.is_ok());
 }
