@@ -77,6 +77,17 @@ fn cases() -> Vec<(Vec<Arg>, &'static str)> {
         ),
         (
             vec![
+                Text("generate"),
+                Text("--model"),
+                TinyModel,
+                Text("--kv-dtype"),
+                Text("bf16"),
+                Text("hi"),
+            ],
+            "f16 on a GPU, f32 on the CPU), not `bf16`",
+        ),
+        (
+            vec![
                 Text("eval"),
                 Text("--model"),
                 TinyModel,

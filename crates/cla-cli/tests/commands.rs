@@ -673,15 +673,28 @@ fn gpu_device_agrees_with_the_cpu_or_fails_cleanly() {
         args.extend_from_slice(extra);
         json(&args)
     };
-    let (cpu, gpu) = (eval("cpu", &[]), eval(&device, &[]));
+    // The same values on both (an f32 cache on the GPU too).
+    let (cpu, gpu) = (eval("cpu", &[]), eval(&device, &["--kv-dtype", "f32"]));
     assert!(
         gpu["device"].as_str().unwrap().starts_with("gpu: "),
         "{gpu}"
     );
     assert_eq!(cpu["tokens_scored"], gpu["tokens_scored"]);
+    assert_eq!(
+        (cpu["kv_dtype"].as_str(), gpu["kv_dtype"].as_str()),
+        (Some("f32"), Some("f32"))
+    );
     let (a, b) = (cpu["ppl"].as_f64().unwrap(), gpu["ppl"].as_f64().unwrap());
     assert!((a - b).abs() < 1e-3 * a, "cpu ppl {a}, gpu ppl {b}");
-    // The same with the weight matrices rounded to f16 on the GPU.
+    // `--kv-dtype auto` (the default) keeps an f16 cache on a GPU: close, not equal.
+    let auto = eval(&device, &[]);
+    assert_eq!(auto["kv_dtype"].as_str(), Some("f16"), "{auto}");
+    let h = auto["ppl"].as_f64().unwrap();
+    assert!(
+        (a - h).abs() < 2e-2 * a,
+        "cpu ppl {a}, gpu ppl with an f16 cache {h}"
+    );
+    // The weight matrices rounded to f16 on the GPU as well.
     let half = eval(&device, &["--gpu-weights", "f16"]);
     assert!(
         half["device"].as_str().unwrap().ends_with("f16 weights"),

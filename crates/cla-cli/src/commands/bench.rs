@@ -94,9 +94,10 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// Element type of the KV cache: f32 or f16.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: KvDType,
+    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
+    /// attention kernels need it; f32 on the CPU).
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
+    pub kv_dtype: model::KvDTypeChoice,
 
     /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
     /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
@@ -169,10 +170,15 @@ pub fn run(args: &BenchArgs) -> CliResult {
     let batches = &args.batch.0;
     let params = ParamCount::of(&config, subject.options);
     let weight_bytes = params.bytes(DType::F32);
-    let kv_per_token = kv_bytes_per_token(&config, args.kv_dtype.to_dtype());
     let longest = contexts.iter().copied().max().unwrap_or(0) as u64;
     let largest = batches.iter().copied().max().unwrap_or(0) as u64;
-    let biggest_kv = kv_bytes_for_batch(&config, args.kv_dtype.to_dtype(), largest, longest);
+    // Before the device is known, `auto` counts as the larger f32.
+    let biggest_kv = kv_bytes_for_batch(
+        &config,
+        args.kv_dtype.resolve(false).to_dtype(),
+        largest,
+        longest,
+    );
     if let Some(available) = available_memory()
         && weight_bytes.saturating_add(biggest_kv) > available
     {
@@ -220,19 +226,27 @@ pub fn run(args: &BenchArgs) -> CliResult {
     interrupt::install();
     let mut rows = Vec::new();
     let mut device = String::new();
+    let mut kv_dtype = args.kv_dtype.resolve(false);
     let mut rng = SplitMix64::new(args.seed ^ 0x0062_656E_6368);
     let mut warmed_up = false;
     for &batch in batches {
         for &context in &contexts {
             let decode = (args.decode as usize).min(context - 1);
             let prompt = context - decode;
-            let cache = cache_config_for(context, batch, args.kv_dtype);
+            // (The element type is settled with the device.)
+            let cache = cache_config_for(context, batch, KvDType::F32);
             if interrupt::requested() {
                 return Err(CliError::Interrupted);
             }
-            let mut chosen =
-                model::make_decoder(&args.device, Arc::clone(&weights), cache, args.gpu_weights)?;
+            let mut chosen = model::make_decoder(
+                &args.device,
+                Arc::clone(&weights),
+                cache,
+                args.kv_dtype,
+                args.gpu_weights,
+            )?;
             device = chosen.device.clone();
+            kv_dtype = chosen.kv_dtype;
             let decoder = chosen.decoder.as_mut();
             if !warmed_up {
                 warm_up(decoder, &mut rng)?;
@@ -256,11 +270,11 @@ pub fn run(args: &BenchArgs) -> CliResult {
             source: subject.source,
             params: params.total(),
             weight_bytes_f32: weight_bytes,
-            kv_bytes_per_token: kv_per_token,
+            kv_bytes_per_token: kv_bytes_per_token(&config, kv_dtype.to_dtype()),
             max_position_embeddings: max,
         },
         device,
-        kv_dtype: args.kv_dtype.to_string(),
+        kv_dtype: kv_dtype.to_string(),
         rows,
     };
     let text = if args.json {

@@ -66,9 +66,10 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
 
-    /// Element type of the KV cache: f32 or f16.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: KvDType,
+    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
+    /// attention kernels need it; f32 on the CPU).
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
+    pub kv_dtype: model::KvDTypeChoice,
 
     /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
     /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
@@ -141,11 +142,13 @@ pub fn run(args: &EvalArgs) -> CliResult {
         text.len(),
         ids.len()
     );
-    let cache = cache_config_for(context, 1, args.kv_dtype);
+    // (The element type is settled with the device.)
+    let cache = cache_config_for(context, 1, KvDType::F32);
     let mut chosen = model::make_decoder(
         &args.device,
         Arc::clone(&loaded.weights),
         cache,
+        args.kv_dtype,
         args.gpu_weights,
     )?;
 
@@ -198,7 +201,7 @@ pub fn run(args: &EvalArgs) -> CliResult {
         model: dir.display().to_string(),
         file: args.file.display().to_string(),
         device: chosen.device.clone(),
-        kv_dtype: args.kv_dtype.to_string(),
+        kv_dtype: chosen.kv_dtype.to_string(),
         mean_nll: report.mean_nll,
         ppl: report.perplexity,
         tokens_scored: report.tokens_scored,

@@ -169,9 +169,10 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with_all = ["ids", "json"])]
     pub echo: bool,
 
-    /// Element type of the KV cache: f32 or f16.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: KvDType,
+    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
+    /// attention kernels need it; f32 on the CPU).
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
+    pub kv_dtype: model::KvDTypeChoice,
 
     /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
     /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
@@ -237,9 +238,15 @@ pub fn run(args: &GenerateArgs) -> CliResult {
 
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1);
     let per_sequence = (longest.min(context) + args.max_tokens).min(context);
-    let cache = cache_config_for(per_sequence, prompts.len(), args.kv_dtype);
-    let mut chosen =
-        model::make_decoder(&args.device, Arc::clone(&weights), cache, args.gpu_weights)?;
+    // (The element type is settled with the device.)
+    let cache = cache_config_for(per_sequence, prompts.len(), KvDType::F32);
+    let mut chosen = model::make_decoder(
+        &args.device,
+        Arc::clone(&weights),
+        cache,
+        args.kv_dtype,
+        args.gpu_weights,
+    )?;
     log::info!(
         "generating for {} prompt(s), at most {} tokens each, {}",
         prompts.len(),

@@ -151,10 +151,13 @@ pub struct ChosenDecoder {
     pub decoder: Box<dyn Decoder>,
     /// Where it runs, for summaries and JSON (`"cpu"`).
     pub device: String,
+    /// The element type of its KV cache (`--kv-dtype auto` settled).
+    pub kv_dtype: KvDType,
 }
 
-/// Builds a decoder for `weights` on `device` with a KV cache of `cache`; a GPU decoder keeps
-/// its weight matrices as `gpu_weights`.
+/// Builds a decoder for `weights` on `device` with a KV cache of `cache`'s blocks whose
+/// element type `kv_dtype` settles for the device (`cache.dtype` is not used); a GPU decoder
+/// keeps its weight matrices as `gpu_weights`.
 ///
 /// `gpu[:NAME]` opens a wgpu adapter (chosen as `CLA_DEVICE` would choose it;
 /// `CLA_GPU_DISABLE` applies) and uploads the weights; `cpu` is the CPU reference decoder;
@@ -165,31 +168,36 @@ pub fn make_decoder(
     device: &DeviceChoice,
     weights: Arc<ModelWeights>,
     cache: KvCacheConfig,
+    kv_dtype: KvDTypeChoice,
     gpu_weights: GpuWeightDType,
 ) -> CliResult<ChosenDecoder> {
+    let on = |gpu: bool| KvCacheConfig {
+        dtype: kv_dtype.resolve(gpu),
+        ..cache
+    };
     match device {
-        DeviceChoice::Cpu => cpu_decoder(weights, cache, gpu_weights),
+        DeviceChoice::Cpu => cpu_decoder(weights, on(false), gpu_weights),
         DeviceChoice::Gpu(name) => {
             let started = std::time::Instant::now();
             // Errors pass as `ModelError::Gpu`: `failure` tells what the user can fix (no
             // adapter, a bad selector, a missing feature: exit 1, with how to fix it) from a
             // failing device (exit 2).
             let ctx = GpuContext::new(&selector(name.as_deref())?).map_err(ModelError::Gpu)?;
-            gpu_decoder(ctx, started, &weights, cache, gpu_weights)
+            gpu_decoder(ctx, started, &weights, on(true), gpu_weights)
         }
         DeviceChoice::Auto => {
             let started = std::time::Instant::now();
             let selector = selector(None)?;
             if selector.filter == AdapterFilter::Cpu {
                 log::info!("device auto: {DEVICE_ENV} selects a software adapter; using the CPU");
-                return cpu_decoder(weights, cache, gpu_weights);
+                return cpu_decoder(weights, on(false), gpu_weights);
             }
             match GpuContext::new(&selector) {
                 Ok(ctx) if ctx.is_software() => {
                     let name = &ctx.info().name;
                     log::info!("device auto: {name} is a software adapter; using the CPU");
                 }
-                Ok(ctx) => match gpu_decoder(ctx, started, &weights, cache, gpu_weights) {
+                Ok(ctx) => match gpu_decoder(ctx, started, &weights, on(true), gpu_weights) {
                     Ok(chosen) => return Ok(chosen),
                     Err(e) => {
                         log::warn!("device auto: the GPU decoder failed ({e}); using the CPU")
@@ -200,7 +208,7 @@ pub fn make_decoder(
                     log::debug!("device auto: {e}");
                 }
             }
-            cpu_decoder(weights, cache, gpu_weights)
+            cpu_decoder(weights, on(false), gpu_weights)
         }
     }
 }
@@ -240,6 +248,7 @@ fn cpu_decoder(
     Ok(ChosenDecoder {
         decoder: Box::new(decoder),
         device: "cpu".into(),
+        kv_dtype: cache.dtype,
     })
 }
 
@@ -270,6 +279,7 @@ fn gpu_decoder(
     Ok(ChosenDecoder {
         decoder: Box::new(decoder),
         device: description,
+        kv_dtype: cache.dtype,
     })
 }
 
@@ -277,12 +287,46 @@ fn cpu_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// `--kv-dtype`: a fixed element type for the KV cache, or `auto`: f16 on a GPU (half the
+/// cache, and the tensor-core and wide lane attention kernels need it), f32 on the CPU (the
+/// reference decoder's exact values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvDTypeChoice {
+    /// f16 on a GPU, f32 on the CPU.
+    Auto,
+    /// This type on any device.
+    Fixed(KvDType),
+}
+
+impl KvDTypeChoice {
+    /// The element type for a decoder on a GPU (`gpu`) or on the CPU.
+    pub fn resolve(self, gpu: bool) -> KvDType {
+        match self {
+            KvDTypeChoice::Auto if gpu => KvDType::F16,
+            KvDTypeChoice::Auto => KvDType::F32,
+            KvDTypeChoice::Fixed(d) => d,
+        }
+    }
+}
+
+impl fmt::Display for KvDTypeChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvDTypeChoice::Auto => f.write_str("auto"),
+            KvDTypeChoice::Fixed(d) => write!(f, "{d}"),
+        }
+    }
+}
+
 /// Parses `--kv-dtype`.
-pub fn parse_kv_dtype(s: &str) -> Result<KvDType, String> {
+pub fn parse_kv_dtype(s: &str) -> Result<KvDTypeChoice, String> {
     match s.trim().to_ascii_lowercase().as_str() {
-        "f32" | "float32" => Ok(KvDType::F32),
-        "f16" | "float16" | "half" => Ok(KvDType::F16),
-        other => Err(format!("the KV cache stores f32 or f16, not `{other}`")),
+        "auto" => Ok(KvDTypeChoice::Auto),
+        "f32" | "float32" => Ok(KvDTypeChoice::Fixed(KvDType::F32)),
+        "f16" | "float16" | "half" => Ok(KvDTypeChoice::Fixed(KvDType::F16)),
+        other => Err(format!(
+            "the KV cache stores f32 or f16 (or auto: f16 on a GPU, f32 on the CPU), not `{other}`"
+        )),
     }
 }
 
@@ -324,4 +368,30 @@ pub fn parse_list(s: &str) -> Result<NumberList, String> {
 pub fn stderr_is_terminal() -> bool {
     use std::io::IsTerminal;
     std::io::stderr().is_terminal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_dtype_auto_is_f16_on_a_gpu_and_f32_on_the_cpu() {
+        let auto = parse_kv_dtype(" AUTO ").unwrap();
+        assert_eq!(auto, KvDTypeChoice::Auto);
+        assert_eq!(
+            (auto.resolve(true), auto.resolve(false)),
+            (KvDType::F16, KvDType::F32)
+        );
+        for (text, d) in [("f32", KvDType::F32), ("half", KvDType::F16)] {
+            let fixed = parse_kv_dtype(text).unwrap();
+            assert_eq!(
+                (fixed.resolve(true), fixed.resolve(false)),
+                (d, d),
+                "{text}"
+            );
+            assert_eq!(fixed.to_string(), d.to_string());
+        }
+        assert_eq!(auto.to_string(), "auto");
+        assert!(parse_kv_dtype("int8").unwrap_err().contains("not `int8`"));
+    }
 }
