@@ -6,6 +6,7 @@
 //! cargo run --release -p cla-model --example gpu_decode_bench -- [OPTIONS] OUT.json
 //!   --quick          tiny shapes and few steps (for the software Vulkan device)
 //!   --weights f16    f16 weight matrices (default f32)
+//!   --kv f32         f32 KV cache (default f16, what `cla` keeps on a GPU)
 //!   --model DIR      the shipped model (default models/small-mqa-cla2)
 //!   --skip-1b        only the shipped model
 //!   --submit-every N submit each step's work every N layers (default 0: once per step)
@@ -32,6 +33,8 @@ use std::time::Instant;
 struct Args {
     quick: bool,
     weights: GpuWeightDType,
+    /// Element type of the KV cache.
+    kv: KvDType,
     model: Option<PathBuf>,
     skip_1b: bool,
     /// `GpuDecoderOptions::submit_every_layers`.
@@ -41,7 +44,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: gpu_decode_bench [--quick] [--weights f32|f16] [--model DIR] [--skip-1b] [--submit-every N] OUT.json"
+        "usage: gpu_decode_bench [--quick] [--weights f32|f16] [--kv f16|f32] [--model DIR] [--skip-1b] [--submit-every N] OUT.json"
     );
     std::process::exit(2)
 }
@@ -50,6 +53,7 @@ fn parse_args() -> Args {
     let mut args = Args {
         quick: false,
         weights: GpuWeightDType::F32,
+        kv: KvDType::F16,
         model: None,
         skip_1b: false,
         submit_every: 0,
@@ -65,6 +69,13 @@ fn parse_args() -> Args {
                 args.weights = match it.next().as_deref() {
                     Some("f32") => GpuWeightDType::F32,
                     Some("f16") => GpuWeightDType::F16,
+                    _ => usage(),
+                }
+            }
+            "--kv" => {
+                args.kv = match it.next().as_deref() {
+                    Some("f32") => KvDType::F32,
+                    Some("f16") => KvDType::F16,
                     _ => usage(),
                 }
             }
@@ -229,13 +240,13 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     r
 }
 
-fn cache_for(shapes: &[Shape], block: usize) -> KvCacheConfig {
+fn cache_for(shapes: &[Shape], block: usize, kv: KvDType) -> KvCacheConfig {
     let blocks = shapes
         .iter()
         .map(|s| s.batch * (s.prompt + s.decode + s.logits_steps + 8).div_ceil(block))
         .max()
         .unwrap_or(1);
-    KvCacheConfig::new(blocks + 4, KvDType::F32).with_block_size(block)
+    KvCacheConfig::new(blocks + 4, kv).with_block_size(block)
 }
 
 fn bench_model(
@@ -298,13 +309,14 @@ fn main() {
     let ctx = Arc::new(GpuContext::new(&selector).unwrap_or_else(|e| panic!("{e}")));
     let info = ctx.info().clone();
     println!(
-        "device: {} ({:?}, {:?}, {} {}); weights {:?}; submit every {} layers (0: once per step){}",
+        "device: {} ({:?}, {:?}, {} {}); weights {:?}; KV cache {}; submit every {} layers (0: once per step){}",
         info.name,
         info.backend,
         info.device_type,
         info.driver,
         info.driver_info,
         args.weights,
+        args.kv,
         args.submit_every,
         if args.quick { "; quick" } else { "" }
     );
@@ -358,7 +370,7 @@ fn main() {
                 seed: 1,
                 kv_input_norm: kv_norm,
             },
-            cache_for(&shapes, 16),
+            cache_for(&shapes, 16, args.kv),
             options,
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -381,9 +393,13 @@ fn main() {
     } else {
         shapes(128, 64, 16, &[1, 32])
     };
-    let mut dec =
-        GpuDecoder::with_options(Arc::clone(&ctx), &weights, cache_for(&shapes, 16), options)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut dec = GpuDecoder::with_options(
+        Arc::clone(&ctx),
+        &weights,
+        cache_for(&shapes, 16, args.kv),
+        options,
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let setup = t.elapsed().as_secs_f64();
     let params = weights.num_parameters() as u64;
     let name = dir.file_name().map_or_else(
@@ -402,6 +418,7 @@ fn main() {
         },
         "quick": args.quick,
         "weight_dtype": format!("{:?}", args.weights).to_lowercase(),
+        "kv_dtype": args.kv.to_string(),
         "submit_every_layers": args.submit_every,
         "models": models,
     });
