@@ -332,56 +332,35 @@ impl Gpu {
     /// `info` must name an executable of a pipeline built by this device with
     /// `CAPTURE_INTERNAL_REPRESENTATIONS_KHR`.
     unsafe fn internal(&self, info: &vk::PipelineExecutableInfoKHR) -> Res<Vec<(String, String)>> {
-        let fp = self.stats.fp();
-        let dev = self.stats.device();
+        let (fp, dev) = (self.stats.fp(), self.stats.device());
+        // SAFETY: the usual two-call pattern (count, then the entries with their sizes), then a
+        // third call with buffers of those sizes; `n` never exceeds what `out` holds.
+        let query = |n: &mut u32, out: *mut vk::PipelineExecutableInternalRepresentationKHR| unsafe {
+            (fp.get_pipeline_executable_internal_representations_khr)(dev, info, n, out).result()
+        };
         let mut n = 0u32;
-        // SAFETY: the usual two-call pattern, then a third call with buffers of the sizes the
-        // second reported.
-        unsafe {
-            (fp.get_pipeline_executable_internal_representations_khr)(
-                dev,
-                info,
-                &mut n,
-                std::ptr::null_mut(),
-            )
-            .result()?;
-            let mut reps =
-                vec![vk::PipelineExecutableInternalRepresentationKHR::default(); n as usize];
-            (fp.get_pipeline_executable_internal_representations_khr)(
-                dev,
-                info,
-                &mut n,
-                reps.as_mut_ptr(),
-            )
-            .result()?;
-            let mut bufs: Vec<Vec<u8>> = reps.iter().map(|r| vec![0u8; r.data_size]).collect();
-            for (r, b) in reps.iter_mut().zip(bufs.iter_mut()) {
-                r.p_data = b.as_mut_ptr().cast();
-            }
-            (fp.get_pipeline_executable_internal_representations_khr)(
-                dev,
-                info,
-                &mut n,
-                reps.as_mut_ptr(),
-            )
-            .result()?;
-            Ok(reps
-                .iter()
-                .zip(bufs)
-                .map(|(r, b)| {
-                    let name = CStr::from_ptr(r.name.as_ptr())
-                        .to_string_lossy()
-                        .into_owned();
-                    let body = if r.is_text != 0 {
-                        String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or(&[]))
-                            .into_owned()
-                    } else {
-                        b.iter().map(|x| format!("{x:02x}")).collect()
-                    };
-                    (name, body)
-                })
-                .collect())
+        query(&mut n, std::ptr::null_mut())?;
+        let mut reps = vec![vk::PipelineExecutableInternalRepresentationKHR::default(); n as usize];
+        query(&mut n, reps.as_mut_ptr())?;
+        let mut bufs: Vec<Vec<u8>> = reps.iter().map(|r| vec![0u8; r.data_size]).collect();
+        for (r, b) in reps.iter_mut().zip(bufs.iter_mut()) {
+            r.p_data = b.as_mut_ptr().cast();
         }
+        query(&mut n, reps.as_mut_ptr())?;
+        Ok(reps
+            .iter()
+            .zip(bufs)
+            .map(|(r, b)| {
+                // SAFETY: Vulkan strings are NUL-terminated within their fixed-size arrays.
+                let name = unsafe { CStr::from_ptr(r.name.as_ptr()) };
+                let body = if r.is_text != 0 {
+                    String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or(&[])).into_owned()
+                } else {
+                    b.iter().map(|x| format!("{x:02x}")).collect()
+                };
+                (name.to_string_lossy().into_owned(), body)
+            })
+            .collect())
     }
 }
 
