@@ -562,6 +562,14 @@ impl GpuContext {
         self.pipelines.names()
     }
 
+    /// Time spent so far building pipeline variants (generating their WGSL, naga's
+    /// translation and the driver's compilation), all on the first use of each variant. A
+    /// decoder's first step includes it; drivers that cache compiled shaders on disk make it
+    /// small in later processes.
+    pub fn kernel_build_time(&self) -> std::time::Duration {
+        self.pipelines.build_time()
+    }
+
     /// The name and generated WGSL source of each pipeline variant built so far, sorted by
     /// name: what the driver compiled, for offline study (the `kernel_stats` example reads
     /// the driver's register counts for them).

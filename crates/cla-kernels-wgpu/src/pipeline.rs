@@ -184,6 +184,9 @@ pub(crate) struct PipelineCache {
     map: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
     /// Uniform buffers by (padded) content; see [`GpuContext::uniform`].
     uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+    /// Nanoseconds spent building pipelines (source, naga, driver), for
+    /// [`GpuContext::kernel_build_time`].
+    build_nanos: std::sync::atomic::AtomicU64,
 }
 
 /// Distinct parameter blocks kept alive by the uniform cache.
@@ -251,6 +254,10 @@ impl PipelineCache {
         v
     }
 
+    pub(crate) fn build_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.build_nanos.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     pub(crate) fn names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .map
@@ -274,6 +281,7 @@ impl GpuContext {
         if let Some(k) = self.pipelines.map.lock().map_err(|_| lock_err())?.get(&key) {
             return Ok(Arc::clone(k));
         }
+        let started = std::time::Instant::now();
         let name = key.name();
         let src = source(&name)?;
         let entries: Vec<wgpu::BindGroupLayoutEntry> = bindings
@@ -346,6 +354,10 @@ impl GpuContext {
             layout,
             source: src,
         });
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.pipelines
+            .build_nanos
+            .fetch_add(nanos, std::sync::atomic::Ordering::Relaxed);
         self.pipelines
             .map
             .lock()

@@ -31,6 +31,11 @@ pub fn ctx() -> &'static GpuContext {
     CTX.get_or_init(|| open(None))
 }
 
+/// A context of its own (nothing built yet), for tests that watch what a context builds.
+pub fn fresh_ctx() -> GpuContext {
+    open(None)
+}
+
 /// The same adapter with every fast path switched off (packed f16, no subgroups), to test the
 /// portable fallbacks.
 pub fn portable_ctx() -> &'static GpuContext {

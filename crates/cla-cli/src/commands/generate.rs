@@ -272,6 +272,7 @@ pub fn run(args: &GenerateArgs) -> CliResult {
     }
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
     let started = Instant::now();
+    let built_before = chosen.gpu.as_ref().map(|c| c.kernel_build_time());
     let result = {
         let mut streamed_ids = 0;
         // Streams a single prompt; stops generation on Ctrl-C or when stdout is closed.
@@ -301,6 +302,11 @@ pub fn run(args: &GenerateArgs) -> CliResult {
         )
     };
     let wall = started.elapsed().as_secs_f64();
+    // GPU kernels built on their first use during this generation (mostly in its first step).
+    let built = match (&chosen.gpu, built_before) {
+        (Some(c), Some(before)) => (c.kernel_build_time() - before).as_secs_f64(),
+        _ => 0.0,
+    };
     let model_name = dir.display().to_string();
     let seed = sampling.seed;
     match result {
@@ -345,7 +351,7 @@ pub fn run(args: &GenerateArgs) -> CliResult {
                 &model_name,
             )?;
             if !args.quiet {
-                summary(&generations, wall, &chosen.device, &sampling);
+                summary(&generations, wall, built, &chosen.device, &sampling);
             }
             out.check()
         }
@@ -753,8 +759,17 @@ fn finish_output(
     Ok(())
 }
 
-/// The summary line on stderr.
-fn summary(generations: &[Generation], wall: f64, device: &str, sampling: &SamplingConfig) {
+/// Kernel build time below which the summary does not mention it.
+const BUILD_NOTE_SECONDS: f64 = 0.1;
+
+/// The summary line on stderr; `built`: seconds of it spent building GPU kernels.
+fn summary(
+    generations: &[Generation],
+    wall: f64,
+    built: f64,
+    device: &str,
+    sampling: &SamplingConfig,
+) {
     let prompt_tokens: usize = generations.iter().map(|g| g.prompt_ids.len()).sum();
     let generated: usize = generations.iter().map(|g| g.ids.len()).sum();
     let prefill_seconds = generations
@@ -779,10 +794,17 @@ fn summary(generations: &[Generation], wall: f64, device: &str, sampling: &Sampl
     } else {
         format!("seed {}", sampling.seed)
     };
+    // Worth a word when it visibly lowers the rates (first use on a machine, before the
+    // driver has cached the compiled kernels).
+    let built = if built >= BUILD_NOTE_SECONDS {
+        format!(" ({built:.2}s of it building GPU kernels on first use)")
+    } else {
+        String::new()
+    };
     let _ = writeln!(
         std::io::stderr(),
         "{} prompt tokens{truncated}, {} generated tokens; prefill {:.1} tok/s, decode {:.1} \
-         tok/s; KV cache {} ({} bytes); {device}, {seed}, {wall:.2}s",
+         tok/s; KV cache {} ({} bytes); {device}, {seed}, {wall:.2}s{built}",
         prompt_tokens,
         generated,
         rate(prompt_tokens, prefill_seconds),

@@ -153,6 +153,8 @@ pub struct ChosenDecoder {
     pub device: String,
     /// The element type of its KV cache (`--kv-dtype auto` settled).
     pub kv_dtype: KvDType,
+    /// The GPU context of a GPU decoder (for its kernel build time).
+    pub gpu: Option<Arc<GpuContext>>,
 }
 
 /// Builds a decoder for `weights` on `device` with a KV cache of `cache`'s blocks whose
@@ -249,6 +251,7 @@ fn cpu_decoder(
         decoder: Box::new(decoder),
         device: "cpu".into(),
         kv_dtype: cache.dtype,
+        gpu: None,
     })
 }
 
@@ -268,7 +271,8 @@ fn gpu_decoder(
         weight_dtype,
         ..GpuDecoderOptions::default()
     };
-    let decoder = GpuDecoder::with_options(Arc::new(ctx), weights, cache, options)?;
+    let ctx = Arc::new(ctx);
+    let decoder = GpuDecoder::with_options(Arc::clone(&ctx), weights, cache, options)?;
     log::info!(
         "device: {description}, weights uploaded in {:.2}s, KV cache {} blocks of {} tokens ({})",
         started.elapsed().as_secs_f64(),
@@ -280,6 +284,7 @@ fn gpu_decoder(
         decoder: Box::new(decoder),
         device: description,
         kv_dtype: cache.dtype,
+        gpu: Some(ctx),
     })
 }
 

@@ -107,6 +107,27 @@ mod tests {
         }
     }
 
+    /// Building a pipeline variant adds its time to `kernel_build_time`; running a built one
+    /// adds nothing.
+    #[test]
+    fn kernel_build_time_counts_builds_only() {
+        let c = crate::testing::fresh_ctx();
+        assert_eq!(c.kernel_build_time(), std::time::Duration::ZERO);
+        let n = 256;
+        let src = c.upload_f32(&values(2, n), &[n]).unwrap();
+        let dst = c.create_tensor(&[n], DType::F32, "dst").unwrap();
+        let run = || {
+            let mut enc = c.encoder();
+            c.copy_tensor(&mut enc, &src, &dst).unwrap();
+            c.submit_and_wait(enc).unwrap();
+        };
+        run();
+        let first = c.kernel_build_time();
+        assert!(first > std::time::Duration::ZERO);
+        run();
+        assert_eq!(c.kernel_build_time(), first);
+    }
+
     #[test]
     fn built_kernels_report_the_source_they_were_built_from() {
         let c = crate::testing::ctx();
