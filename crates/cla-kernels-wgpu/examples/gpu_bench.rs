@@ -11,13 +11,15 @@
 //!   printed as a percentage of it (and of the compute copy).
 //! - dispatch_floor: two dependent one-workgroup dispatches repeated in one compute pass, the
 //!   fixed cost of a split + reduce decode call.
-//! - attn_decode: paged flash-decoding attention, head_dim 128, f16 K/V, MQA (32 q heads / 1
-//!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8), contexts 1k..32k,
-//!   batches 1..64 (`--contexts`, `--batches` narrow the sweep); achieved K/V bytes per second, for each decode kernel the device runs
-//!   (tiled, lanes, lanes-wide, coop; see `DecodeKernel`), with the split heuristic's keys per split and
-//!   with each of `--chunks N,..`; the repetitions are recorded into one compute pass, as the
-//!   decoder records a step. Configurations whose K/V region exceeds the adapter's
-//!   storage-binding limit are skipped.
+//! - attn_decode: paged flash-decoding attention, f16 K/V, head_dim 128: MQA (32 q heads / 1
+//!   kv head, and 16 / 1 as in the 1B-class preset) and GQA (32 / 8) by default, GQA2
+//!   (32 / 16), MHA (32 / 32) and GQA4 with head_dim 64 when `--layouts` names them;
+//!   contexts 1k..32k, batches 1..64 (`--contexts`, `--batches` narrow the sweep); achieved
+//!   K/V bytes per second, for each decode kernel the device runs (tiled, lanes, lanes-wide,
+//!   coop; see `DecodeKernel`), with the split heuristic's keys per split and with each of
+//!   `--chunks N,..`; the repetitions are recorded into one compute pass, as the decoder
+//!   records a step. Configurations whose K/V region exceeds the adapter's storage-binding
+//!   limit are skipped.
 //! - matmul: tiled prefill matmul at 4096^3, f32 and f16 weights, every portable tile
 //!   (T4, T8, register-tiled R64); FLOP/s, and the percentage of `--ref-tflops X` (e.g. the
 //!   card's measured bf16 tensor rate) when given.
@@ -51,7 +53,7 @@
 //! ```text
 //! cargo run --release -p cla-kernels-wgpu --example gpu_bench -- [--quick] [--device SEL] [--ref-tflops X]
 //!     [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..]
-//!     [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,lanes-wide,coop] OUT.json
+//!     [--layouts mqa,mqa16,gqa4,gqa2,mha,gqa4-hd64] [--kernels tiled,lanes,lanes-wide,coop] OUT.json
 //! ```
 
 use std::fmt::Write as _;
@@ -85,8 +87,16 @@ struct Args {
     out: String,
 }
 
-/// Attention layouts of the decode sweep: name, query heads, K/V heads.
-const ATTN_LAYOUTS: [(&str, u32, u32); 3] = [("mqa", 32, 1), ("mqa16", 16, 1), ("gqa4", 32, 8)];
+/// Attention layouts of the decode sweep: name, query heads, K/V heads, head_dim, and whether
+/// the sweep times it by default (the others only when `--layouts` names them).
+const ATTN_LAYOUTS: [(&str, u32, u32, u32, bool); 6] = [
+    ("mqa", 32, 1, 128, true),
+    ("mqa16", 16, 1, 128, true),
+    ("gqa4", 32, 8, 128, true),
+    ("gqa2", 32, 16, 128, false),
+    ("mha", 32, 32, 128, false),
+    ("gqa4-hd64", 32, 8, 64, false),
+];
 /// Decode kernels of the sweep, by their names on the command line and in the report.
 const DECODE_KERNELS: [(&str, DecodeKernel); 4] = [
     ("tiled", DecodeKernel::Tiled),
@@ -172,7 +182,7 @@ fn parse_args() -> BenchResult<Args> {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4] [--kernels tiled,lanes,lanes-wide,coop] [--dump-kernels DIR] OUT.json"
+                    "usage: gpu_bench [--quick] [--device SEL] [--ref-tflops X] [--only attn,matmul,matvec,sample] [--contexts N,..] [--batches N,..] [--chunks N,..] [--layouts mqa,mqa16,gqa4,gqa2,mha,gqa4-hd64] [--kernels tiled,lanes,lanes-wide,coop] [--dump-kernels DIR] OUT.json"
                 );
                 std::process::exit(0);
             }
@@ -395,7 +405,6 @@ fn main() -> BenchResult<()> {
     };
 
     // 2. Decode attention.
-    let hd = 128u32;
     let block_size = 16u32;
     let contexts: &[usize] = match &args.contexts {
         Some(c) => c,
@@ -436,10 +445,14 @@ fn main() -> BenchResult<()> {
     // what one call's worth of traffic costs even for the simplest kernel, fixed costs and
     // all, next to the ceiling's 512 MiB.
     let mut same_traffic: std::collections::HashMap<u64, f64> = Default::default();
-    let layouts = ATTN_LAYOUTS
-        .into_iter()
-        .filter(|(label, ..)| want("attn") && picked(&args.layouts, label));
-    for (label, n_q_heads, n_kv_heads) in layouts {
+    let layouts = ATTN_LAYOUTS.into_iter().filter(|&(label, .., default)| {
+        want("attn")
+            && match &args.layouts {
+                Some(l) => l.iter().any(|x| x == label),
+                None => default,
+            }
+    });
+    for (label, n_q_heads, n_kv_heads, hd, _) in layouts {
         for &batch in batches {
             for &context in contexts {
                 let blocks_per_seq = context.div_ceil(block_size as usize);
