@@ -2,14 +2,12 @@
 //! contexts, with the KV-cache bytes each cell used. Works on a model directory, or on a
 //! config or preset with random weights of the right shapes.
 
-use super::model::{self, DeviceChoice};
+use super::model;
 use crate::failure::{self, CliError, CliResult};
 use crate::interrupt;
 use cla_core::memory::{kv_bytes_for_batch, kv_bytes_per_token};
 use cla_core::{ByteSize, ConfigError, DType, ModelConfig, ParamCount, ParamOptions, presets};
-use cla_kv::KvDType;
-use cla_model::GpuWeightDType;
-use cla_model::{Decoder, ModelWeights, SequenceStep, SplitMix64, cache_config_for};
+use cla_model::{Decoder, ModelWeights, SequenceStep, SplitMix64};
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -88,21 +86,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = parse_size)]
     pub max_weight_bytes: u64,
 
-    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
-    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
-    /// software Vulkan driver).
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
-    pub device: DeviceChoice,
-
-    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
-    /// attention kernels need it; f32 on the CPU).
-    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: model::KvDTypeChoice,
-
-    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
-    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
-    pub gpu_weights: GpuWeightDType,
+    /// Where to run, and in what precision.
+    #[command(flatten)]
+    pub run_on: model::RunOn,
 
     /// Print one JSON object (keys: see --help).
     #[arg(long)]
@@ -175,7 +161,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
     // Before the device is known, `auto` counts as the larger f32.
     let biggest_kv = kv_bytes_for_batch(
         &config,
-        args.kv_dtype.resolve(false).to_dtype(),
+        args.run_on.kv_dtype.resolve(false).to_dtype(),
         largest,
         longest,
     );
@@ -226,25 +212,18 @@ pub fn run(args: &BenchArgs) -> CliResult {
     interrupt::install();
     let mut rows = Vec::new();
     let mut device = String::new();
-    let mut kv_dtype = args.kv_dtype.resolve(false);
+    let mut kv_dtype = args.run_on.kv_dtype.resolve(false);
     let mut rng = SplitMix64::new(args.seed ^ 0x0062_656E_6368);
     let mut warmed_up = false;
     for &batch in batches {
         for &context in &contexts {
             let decode = (args.decode as usize).min(context - 1);
             let prompt = context - decode;
-            // (The element type is settled with the device.)
-            let cache = cache_config_for(context, batch, KvDType::F32);
             if interrupt::requested() {
                 return Err(CliError::Interrupted);
             }
-            let mut chosen = model::make_decoder(
-                &args.device,
-                Arc::clone(&weights),
-                cache,
-                args.kv_dtype,
-                args.gpu_weights,
-            )?;
+            let mut chosen =
+                model::make_decoder(&args.run_on, Arc::clone(&weights), context, batch)?;
             device = chosen.device.clone();
             kv_dtype = chosen.kv_dtype;
             let decoder = chosen.decoder.as_mut();

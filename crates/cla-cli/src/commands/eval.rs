@@ -1,13 +1,10 @@
 //! `cla eval`: the perplexity of a text file under a model, in windows of the context (the
 //! metric of the paper's Table 1).
 
-use super::model::{self, DeviceChoice};
+use super::model;
 use crate::failure::{self, CliError, CliResult};
 use crate::interrupt;
-use cla_kv::KvDType;
-use cla_model::{
-    GpuWeightDType, ModelError, PerplexityConfig, cache_config_for, perplexity_of_ids,
-};
+use cla_model::{ModelError, PerplexityConfig, perplexity_of_ids};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -60,21 +57,9 @@ pub struct EvalArgs {
     #[arg(long, value_name = "TOKENS", value_parser = clap::value_parser!(u64).range(1..))]
     pub stride: Option<u64>,
 
-    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
-    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
-    /// software Vulkan driver).
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
-    pub device: DeviceChoice,
-
-    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
-    /// attention kernels need it; f32 on the CPU).
-    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: model::KvDTypeChoice,
-
-    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
-    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
-    pub gpu_weights: GpuWeightDType,
+    /// Where to run, and in what precision.
+    #[command(flatten)]
+    pub run_on: model::RunOn,
 
     /// Print one JSON object (keys: see --help).
     #[arg(long)]
@@ -142,15 +127,7 @@ pub fn run(args: &EvalArgs) -> CliResult {
         text.len(),
         ids.len()
     );
-    // (The element type is settled with the device.)
-    let cache = cache_config_for(context, 1, KvDType::F32);
-    let mut chosen = model::make_decoder(
-        &args.device,
-        Arc::clone(&loaded.weights),
-        cache,
-        args.kv_dtype,
-        args.gpu_weights,
-    )?;
+    let mut chosen = model::make_decoder(&args.run_on, Arc::clone(&loaded.weights), context, 1)?;
 
     interrupt::install();
     let bar = model::stderr_is_terminal().then(|| {

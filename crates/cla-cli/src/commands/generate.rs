@@ -1,15 +1,13 @@
 //! `cla generate`: continue one prompt (or a batch of prompts) with a model, streaming the
 //! text as it is produced.
 
-use super::model::{self, DeviceChoice};
+use super::model;
 use crate::failure::{CliError, CliResult};
 use crate::interrupt;
 use cla_core::ByteSize;
-use cla_kv::KvDType;
-use cla_model::GpuWeightDType;
 use cla_model::{
     Generation, GenerationConfig, ModelError, SamplingConfig, StopReason, TokenEvent, Tokenizer,
-    cache_config_for, generate_ids,
+    generate_ids,
 };
 use clap::{ArgGroup, Args};
 use serde::Serialize;
@@ -86,11 +84,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
 
-    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
-    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
-    /// software Vulkan driver).
-    #[arg(long, value_name = "DEVICE", default_value = "auto")]
-    pub device: DeviceChoice,
+    /// Where to run, and in what precision.
+    #[command(flatten)]
+    pub run_on: model::RunOn,
 
     /// Most tokens to generate per prompt.
     #[arg(
@@ -169,16 +165,6 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with_all = ["ids", "json"])]
     pub echo: bool,
 
-    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
-    /// attention kernels need it; f32 on the CPU).
-    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = model::parse_kv_dtype)]
-    pub kv_dtype: model::KvDTypeChoice,
-
-    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
-    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = model::parse_gpu_weights)]
-    pub gpu_weights: GpuWeightDType,
-
     /// No summary line on stderr.
     #[arg(short, long)]
     pub quiet: bool,
@@ -238,14 +224,11 @@ pub fn run(args: &GenerateArgs) -> CliResult {
 
     let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1);
     let per_sequence = (longest.min(context) + args.max_tokens).min(context);
-    // (The element type is settled with the device.)
-    let cache = cache_config_for(per_sequence, prompts.len(), KvDType::F32);
     let mut chosen = model::make_decoder(
-        &args.device,
+        &args.run_on,
         Arc::clone(&weights),
-        cache,
-        args.kv_dtype,
-        args.gpu_weights,
+        per_sequence,
+        prompts.len(),
     )?;
     log::info!(
         "generating for {} prompt(s), at most {} tokens each, {}",

@@ -7,7 +7,7 @@ use cla_kernels_wgpu::{AdapterFilter, DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
 use cla_model::{
     CpuDecoder, Decoder, GpuDecoder, GpuDecoderOptions, GpuWeightDType, LoadedModel, ModelError,
-    ModelWeights,
+    ModelWeights, cache_config_for,
 };
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -157,9 +157,29 @@ pub struct ChosenDecoder {
     pub gpu: Option<Arc<GpuContext>>,
 }
 
-/// Builds a decoder for `weights` on `device` with a KV cache of `cache`'s blocks whose
-/// element type `kv_dtype` settles for the device (`cache.dtype` is not used); a GPU decoder
-/// keeps its weight matrices as `gpu_weights`.
+/// Where a model runs and in what precision: the `--device`, `--kv-dtype` and `--gpu-weights`
+/// options of `generate`, `eval` and `bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunOn {
+    /// Where to run: auto (the best hardware GPU, else the CPU), cpu, gpu (the best GPU
+    /// adapter) or gpu:NAME (an adapter by index, backend, name substring, or `cpu` for a
+    /// software Vulkan driver).
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// Element type of the KV cache: f32, f16, or auto (f16 on a GPU, where the fastest
+    /// attention kernels need it; f32 on the CPU).
+    #[arg(long, value_name = "DTYPE", default_value = "auto", value_parser = parse_kv_dtype)]
+    pub kv_dtype: KvDTypeChoice,
+
+    /// Element type of the weight matrices on a GPU: f32 (the CPU decoder's values) or f16
+    /// (half the memory; tensor cores where the GPU has them). Ignored on the CPU.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = parse_gpu_weights)]
+    pub gpu_weights: GpuWeightDType,
+}
+
+/// Builds a decoder for `weights` where `run_on` says, with a KV cache for `sequences`
+/// sequences of up to `tokens` positions each, its element type settled for the device.
 ///
 /// `gpu[:NAME]` opens a wgpu adapter (chosen as `CLA_DEVICE` would choose it;
 /// `CLA_GPU_DISABLE` applies) and uploads the weights; `cpu` is the CPU reference decoder;
@@ -167,17 +187,14 @@ pub struct ChosenDecoder {
 /// software adapter such as lavapipe is slower than the CPU decoder, so `auto` never picks
 /// one; `--device gpu` with `CLA_DEVICE=cpu` does).
 pub fn make_decoder(
-    device: &DeviceChoice,
+    run_on: &RunOn,
     weights: Arc<ModelWeights>,
-    cache: KvCacheConfig,
-    kv_dtype: KvDTypeChoice,
-    gpu_weights: GpuWeightDType,
+    tokens: usize,
+    sequences: usize,
 ) -> CliResult<ChosenDecoder> {
-    let on = |gpu: bool| KvCacheConfig {
-        dtype: kv_dtype.resolve(gpu),
-        ..cache
-    };
-    match device {
+    let gpu_weights = run_on.gpu_weights;
+    let on = |gpu: bool| cache_config_for(tokens, sequences, run_on.kv_dtype.resolve(gpu));
+    match &run_on.device {
         DeviceChoice::Cpu => cpu_decoder(weights, on(false), gpu_weights),
         DeviceChoice::Gpu(name) => {
             let started = std::time::Instant::now();
