@@ -240,32 +240,27 @@ struct BindKey {
 }
 
 impl PipelineCache {
-    pub(crate) fn sources(&self) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = self
+    /// `f` of every built pipeline, sorted (by name when `f` starts with it).
+    fn sorted<T: Ord>(&self, f: impl Fn(&PipelineKey, &Kernel) -> T) -> Vec<T> {
+        let mut v: Vec<T> = self
             .map
             .lock()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.name(), v.source.clone()))
-                    .collect()
-            })
+            .map(|m| m.iter().map(|(k, kernel)| f(k, kernel)).collect())
             .unwrap_or_default();
         v.sort();
         v
+    }
+
+    pub(crate) fn sources(&self) -> Vec<(String, String)> {
+        self.sorted(|k, kernel| (k.name(), kernel.source.clone()))
+    }
+
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.sorted(|k, _| k.name())
     }
 
     pub(crate) fn build_time(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.build_nanos.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    pub(crate) fn names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .map
-            .lock()
-            .map(|m| m.keys().map(PipelineKey::name).collect())
-            .unwrap_or_default();
-        v.sort();
-        v
     }
 }
 
