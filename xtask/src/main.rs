@@ -8,6 +8,7 @@
 //!   does not have those files; this command runs exactly those tests.
 
 use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -45,15 +46,10 @@ fn workspace_root() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> Result<()> {
-    cargo_with_env(args, &[])
-}
-
-fn cargo_with_env(args: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     eprintln!("xtask: running cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
-        .envs(env.iter().copied())
         .current_dir(workspace_root())
         .status()
         .with_context(|| format!("could not start `{cargo}`"))?;
@@ -73,23 +69,66 @@ fn test() -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    // One build for the tests and the benchmark programs: `cargo test` builds every example
+    // too (to check that it compiles), so the smoke runs below use those binaries instead of
+    // building the examples a second time under another profile.
+    let examples = build_tests()?;
     cargo(&["test", "--workspace"])?;
-    bench_smoke()?;
+    bench_smoke(&examples)?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }
 
+/// Builds what `cargo test --workspace` runs and returns the example binaries that build
+/// produced, by name (from cargo's JSON messages).
+fn build_tests() -> Result<HashMap<String, PathBuf>> {
+    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let args = [
+        "test",
+        "--workspace",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ];
+    eprintln!("xtask: running cargo {}", args.join(" "));
+    let output = Command::new(&cargo_bin)
+        .args(args)
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not start cargo")?;
+    if !output.status.success() {
+        bail!("`cargo {}` failed ({})", args.join(" "), output.status);
+    }
+    let mut examples = HashMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let is_example = msg["target"]["kind"]
+            .as_array()
+            .is_some_and(|k| k.iter().any(|k| k == "example"));
+        if let (true, Some(name), Some(exe)) = (
+            msg["reason"] == "compiler-artifact" && is_example,
+            msg["target"]["name"].as_str(),
+            msg["executable"].as_str(),
+        ) {
+            examples.insert(name.to_string(), PathBuf::from(exe));
+        }
+    }
+    Ok(examples)
+}
+
 /// Runs each GPU benchmark program end to end with tiny shapes on the software device (its
 /// figures mean nothing there): a benchmark that no longer runs, or no longer writes its
-/// report, fails here instead of on a GPU machine.
-fn bench_smoke() -> Result<()> {
+/// report, fails here instead of on a GPU machine. `examples`: the binaries by name, as
+/// [`build_tests`] gives them.
+fn bench_smoke(examples: &HashMap<String, PathBuf>) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("cla-xtask-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Package, example, arguments, an entry its JSON report must hold, and whether it also
-    // writes the generated kernel sources (`--dump-kernels`), which must not come back empty.
-    let runs: [(&str, &str, &[&str], &str, bool); 2] = [
+    // Example, arguments, an entry its JSON report must hold, and whether it also writes the
+    // generated kernel sources (`--dump-kernels`), which must not come back empty.
+    let runs: [(&str, &[&str], &str, bool); 2] = [
         (
-            "cla-kernels-wgpu",
             "gpu_bench",
             &[
                 "--quick",
@@ -104,7 +143,6 @@ fn bench_smoke() -> Result<()> {
             true,
         ),
         (
-            "cla-model",
             "gpu_decode_bench",
             &["--quick", "--skip-1b"],
             "\"decode_tokens_per_s\"",
@@ -113,19 +151,27 @@ fn bench_smoke() -> Result<()> {
     ];
     let result = runs
         .iter()
-        .try_for_each(|&(package, example, args, expect, dumps_kernels)| {
+        .try_for_each(|&(example, args, expect, dumps_kernels)| {
+            let exe = examples.get(example).with_context(|| {
+                format!("`cargo test --workspace --no-run` built no example named {example}")
+            })?;
             let out = dir.join(format!("{example}.json"));
-            let out_arg = out.to_string_lossy().into_owned();
             let kernels = dir.join("kernels");
-            let kernels_arg = kernels.to_string_lossy().into_owned();
-            let mut all: Vec<&str> =
-                vec!["run", "--quiet", "-p", package, "--example", example, "--"];
-            all.extend_from_slice(args);
+            let mut cmd = Command::new(exe);
+            cmd.args(args)
+                .env("CLA_DEVICE", "cpu")
+                .current_dir(workspace_root());
             if dumps_kernels {
-                all.extend_from_slice(&["--dump-kernels", &kernels_arg]);
+                cmd.arg("--dump-kernels").arg(&kernels);
             }
-            all.push(&out_arg);
-            cargo_with_env(&all, &[("CLA_DEVICE", "cpu")])?;
+            cmd.arg(&out);
+            eprintln!("xtask: running {example} {}", args.join(" "));
+            let status = cmd
+                .status()
+                .with_context(|| format!("could not start {}", exe.display()))?;
+            if !status.success() {
+                bail!("{example} failed ({status})");
+            }
             if dumps_kernels {
                 let dumped = std::fs::read_dir(&kernels)
                     .map(|d| d.filter_map(|e| e.ok()).count())

@@ -1,7 +1,7 @@
 //! Generation and perplexity on small random CLA models: determinism, stop conditions,
 //! streaming, batching, and perplexity against the naive reference.
 
-mod common;
+use crate::common;
 
 use cla_kv::KvDType;
 use cla_model::perplexity::negative_log_likelihood;

@@ -11,7 +11,7 @@
 //!
 //! Runs on any wgpu adapter, the software Vulkan device included (`CLA_DEVICE=cpu`).
 
-mod common;
+use crate::common;
 
 use cla_core::ModelConfig;
 use cla_kv::{KvCacheConfig, KvDType};

@@ -1,7 +1,7 @@
 //! Model directories: saving and loading (single file, sharded, f16/bf16), and every kind
 //! of bad input, each a typed error with a message that says what is wrong.
 
-mod common;
+use crate::common;
 
 use cla_core::DType;
 use cla_kv::KvDType;

@@ -6,7 +6,7 @@
 //!
 //! Runs on any wgpu adapter, the software Vulkan device included (`CLA_DEVICE=cpu`).
 
-mod common;
+use crate::common;
 
 use cla_core::{KvSharing, ModelConfig, SharingPattern};
 use cla_kv::{KvCacheConfig, KvDType, KvShape, PagedKvCache};

@@ -5,7 +5,7 @@
 //! They read the shared reference directory named by `CLA_SHARED_DIR` (set by
 //! `cargo xtask conformance`) and fail, rather than pass silently, when it is missing.
 
-mod common;
+use crate::common;
 
 use cla_kv::KvDType;
 use cla_model::{

@@ -1,7 +1,7 @@
 //! `cla kv`, run as a real process: the paper's Table 1 through `--json`, `--compare`, the
 //! planner, and a table of bad inputs that must each exit with code 1 and name the key.
 
-mod common;
+use crate::common;
 
 use common::{cla, json, stderr, stdout, temp_file, user_error};
 use serde_json::{Value, json};

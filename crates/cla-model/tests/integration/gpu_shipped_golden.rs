@@ -4,7 +4,7 @@
 //! GPU decoder must each reproduce the PyTorch logits within 1e-3 (max abs) and the greedy
 //! tokens exactly (all of them teacher-forced, the first few free-running).
 
-mod common;
+use crate::common;
 
 use cla_kv::KvDType;
 use cla_model::{

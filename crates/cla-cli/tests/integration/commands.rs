@@ -1,7 +1,7 @@
 //! `cla generate`, `eval`, `bench`, `inspect` and `devices`, run as real processes on a tiny
 //! model with random weights (and the shipped tokenizer), their JSON parsed and checked.
 
-mod common;
+use crate::common;
 
 use cla_core::memory::kv_bytes_per_token;
 use cla_core::{DType, ParamCount, ParamOptions};

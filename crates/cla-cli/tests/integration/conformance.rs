@@ -5,7 +5,7 @@
 //!
 //! Needs the shared corpus: run with `cargo xtask conformance` (CLA_SHARED_DIR).
 
-mod common;
+use crate::common;
 
 use common::{repo_root, temp_dir};
 use serde_json::Value;

@@ -2,7 +2,7 @@
 //! models: random sharing maps (CLA2/CLA3, keep-ends, dense-front/back, Hunyuan, arbitrary),
 //! MHA/GQA/MQA with odd head counts, head sizes such as 46 and 90, random block sizes.
 
-mod common;
+use crate::common;
 
 use cla_core::{KvSharing, SharingPattern};
 use cla_kv::{KvCacheConfig, KvDType};

@@ -1,7 +1,7 @@
 //! Bad invocations of the commands that run or read models: each must exit with code 1 and
 //! a one-line `error: ...` that says what is wrong, never a panic.
 
-mod common;
+use crate::common;
 
 use common::*;
 
