@@ -462,7 +462,18 @@ fn bench_config_with_random_weights_reports_positive_rates() {
     assert_eq!(r["command"], "bench");
     assert_eq!(r["model"]["source"], "config");
     let c = tiny_config();
-    let per_token = kv_bytes_per_token(&c, DType::F32);
+    // `--kv-dtype auto`: f32 on the CPU, f16 on a GPU; the report says which it used.
+    let kv = match r["kv_dtype"].as_str() {
+        Some("f32") => DType::F32,
+        Some("f16") => DType::F16,
+        other => panic!("bench reports kv_dtype {other:?}"),
+    };
+    assert_eq!(
+        r["kv_dtype"] == "f16",
+        r["device"].as_str().is_some_and(|d| d != "cpu"),
+        "auto means f16 exactly on a GPU: {r}"
+    );
+    let per_token = kv_bytes_per_token(&c, kv);
     assert_eq!(r["model"]["kv_bytes_per_token"], per_token);
     assert_eq!(
         r["model"]["params"],
