@@ -179,6 +179,8 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     // and the same clock state of the card (which lowers its clocks while the host keeps it
     // waiting).
     let (mut decode_s, mut logits_s) = (0.0, 0.0);
+    // Host time of the greedy steps: recording each step, and waiting for its read-back.
+    let (mut record_s, mut wait_s) = (0.0, 0.0);
     let (mut greedy_left, mut logits_left) = (s.decode, s.logits_steps);
     let per_round = s.decode.div_ceil(s.logits_steps.max(1));
     while greedy_left + logits_left > 0 {
@@ -187,6 +189,9 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
             next = one_token_steps(dec, &seqs, &next, |dec, steps| {
                 dec.forward_greedy(steps).expect("decode")
             });
+            let timing = dec.last_step_timing();
+            record_s += timing.record_s;
+            wait_s += timing.wait_s;
         }
         decode_s += t.elapsed().as_secs_f64();
         greedy_left -= per_round.min(greedy_left);
@@ -200,6 +205,26 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
             next = argmax_first_rows(&logits);
         }
     }
+    // Then as many greedy steps pipelined (`submit_greedy_after`: each step submitted before
+    // the previous one's ids are read back, its tokens taken from the GPU), as `cla generate`
+    // runs them.
+    let t = Instant::now();
+    let mut pipelined_steps = 0;
+    if s.decode > 0 {
+        let mut pending = one_token_steps(dec, &seqs, &next, |dec, steps| {
+            dec.submit_greedy(steps).expect("pipelined decode")
+        });
+        for _ in 1..s.decode {
+            let ahead = dec
+                .submit_greedy_after(&pending, &seqs)
+                .expect("pipelined decode");
+            dec.wait_greedy(pending).expect("pipelined read-back");
+            pending = ahead;
+        }
+        dec.wait_greedy(pending).expect("pipelined read-back");
+        pipelined_steps = s.decode;
+    }
+    let pipelined_s = t.elapsed().as_secs_f64();
     let kv_bytes = dec.kv_bytes_in_use();
     for q in seqs {
         dec.free_sequence(q).expect("free");
@@ -212,6 +237,13 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
             0.0
         }
     };
+    let per_step = |secs: f64| {
+        if s.decode > 0 {
+            1e3 * secs / s.decode as f64
+        } else {
+            0.0
+        }
+    };
     let r = json!({
         "batch": s.batch,
         "prompt_tokens": s.prompt,
@@ -220,14 +252,18 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
         "prefill_tokens_per_s": rate(s.batch * s.prompt, prefill_s),
         "decode_seconds": decode_s,
         "decode_tokens_per_s": rate(s.batch * s.decode, decode_s),
-        "decode_ms_per_step": if s.decode > 0 { 1e3 * decode_s / s.decode as f64 } else { 0.0 },
+        "decode_ms_per_step": per_step(decode_s),
+        "decode_record_ms_per_step": per_step(record_s),
+        "decode_wait_ms_per_step": per_step(wait_s),
+        "decode_pipelined_tokens_per_s": rate(s.batch * pipelined_steps, pipelined_s),
         "decode_logits_steps": s.logits_steps,
         "decode_logits_tokens_per_s": rate(s.batch * s.logits_steps, logits_s),
         "kv_bytes_in_use": kv_bytes,
     });
     println!(
         "  batch {:>3}: prefill {:>10.1} tok/s ({} x {} tokens in {:.3} s) | decode {:>9.1} tok/s \
-         ({:.2} ms/step greedy; {:.1} tok/s with logits read-back)",
+         ({:.2} ms/step greedy: {:.2} recording, {:.2} waiting; {:.1} tok/s with logits \
+         read-back; {:.1} tok/s pipelined)",
         s.batch,
         r["prefill_tokens_per_s"].as_f64().unwrap(),
         s.batch,
@@ -235,7 +271,10 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
         prefill_s,
         r["decode_tokens_per_s"].as_f64().unwrap(),
         r["decode_ms_per_step"].as_f64().unwrap(),
+        r["decode_record_ms_per_step"].as_f64().unwrap(),
+        r["decode_wait_ms_per_step"].as_f64().unwrap(),
         r["decode_logits_tokens_per_s"].as_f64().unwrap(),
+        r["decode_pipelined_tokens_per_s"].as_f64().unwrap(),
     );
     r
 }
@@ -243,7 +282,7 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
 fn cache_for(shapes: &[Shape], block: usize, kv: KvDType) -> KvCacheConfig {
     let blocks = shapes
         .iter()
-        .map(|s| s.batch * (s.prompt + s.decode + s.logits_steps + 8).div_ceil(block))
+        .map(|s| s.batch * (s.prompt + 2 * s.decode + s.logits_steps + 8).div_ceil(block))
         .max()
         .unwrap_or(1);
     KvCacheConfig::new(blocks + 4, kv).with_block_size(block)

@@ -227,6 +227,44 @@ pub trait Decoder {
             .collect())
     }
 
+    /// Starts [`Self::forward_greedy`] on `batch`; [`Self::wait_greedy`] returns its ids. A
+    /// backend that reports [`Self::pipelines_greedy`] returns before the step has run, so
+    /// that the host can prepare the next step (see [`Self::submit_greedy_after`]) while the
+    /// device works. The cache changes as with `forward_greedy`, at once.
+    fn submit_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<PendingStep> {
+        let ids = self.forward_greedy(batch)?;
+        Ok(PendingStep::new(
+            batch.iter().map(|s| s.seq).collect(),
+            PendingState::Ready(ids),
+        ))
+    }
+
+    /// Starts a one-token greedy step for each of `seqs` (each one a sequence of `prev`, in
+    /// any order) whose token is the one `prev` chose for it, without waiting for `prev`'s ids
+    /// where the backend pipelines. The generation loop uses it to keep the device busy: if a
+    /// sequence turns out to have stopped at `prev`'s token, it drops the step's position with
+    /// [`Self::truncate_sequence`].
+    fn submit_greedy_after(
+        &mut self,
+        prev: &PendingStep,
+        seqs: &[SequenceId],
+    ) -> Result<PendingStep> {
+        default_submit_greedy_after(self, prev, seqs)
+    }
+
+    /// The ids of a step from [`Self::submit_greedy`] or [`Self::submit_greedy_after`], per
+    /// sequence in its order ([`PendingStep::sequences`]); waits for the device if needed.
+    fn wait_greedy(&mut self, step: PendingStep) -> Result<Vec<u32>> {
+        step.into_ids()
+    }
+
+    /// Whether [`Self::submit_greedy`] returns before the step has run. Where it does not,
+    /// a step submitted ahead of knowing whether it is needed costs its full time, so the
+    /// generation loop submits ahead only when this is true.
+    fn pipelines_greedy(&self) -> bool {
+        false
+    }
+
     /// Runs the batch and returns, per step, the token `choices[i]` picks from the logits of
     /// step `i`'s last new position: exactly [`Sampler::sample`] on those logits, its stream
     /// advanced the same way. This default reads the logits back and samples on the host;
@@ -241,6 +279,86 @@ pub trait Decoder {
         let logits = self.forward(batch)?;
         Ok(sample_on_host(&logits, choices))
     }
+}
+
+/// A greedy step handed to a backend whose token ids may not be known yet (see
+/// [`Decoder::submit_greedy`]): [`Decoder::wait_greedy`] gives them, and
+/// [`Decoder::submit_greedy_after`] can feed them to the next step without waiting.
+#[derive(Debug)]
+pub struct PendingStep {
+    /// The sequences of the step, in batch order (the order of the ids).
+    seqs: Vec<SequenceId>,
+    state: PendingState,
+}
+
+#[derive(Debug)]
+pub(crate) enum PendingState {
+    /// The ids are known (a backend that runs each step before returning).
+    Ready(Vec<u32>),
+    /// Submitted to the GPU; the ids arrive with the read-back.
+    Gpu(crate::gpu::InFlight),
+}
+
+impl PendingStep {
+    pub(crate) fn new(seqs: Vec<SequenceId>, state: PendingState) -> Self {
+        Self { seqs, state }
+    }
+
+    /// The sequences of the step, in the order of its ids.
+    pub fn sequences(&self) -> &[SequenceId] {
+        &self.seqs
+    }
+
+    pub(crate) fn state(&self) -> &PendingState {
+        &self.state
+    }
+
+    /// The row of `seq` in the step, or a typed error when the step did not run it.
+    pub(crate) fn row_of(&self, seq: SequenceId) -> Result<usize> {
+        self.seqs.iter().position(|&s| s == seq).ok_or_else(|| {
+            ModelError::invalid(
+                "seqs",
+                format!("sequence {seq:?} was not part of the step whose tokens it should take"),
+            )
+        })
+    }
+
+    /// The ids, waiting for the GPU where the step is still running.
+    pub(crate) fn into_ids(self) -> Result<Vec<u32>> {
+        match self.state {
+            PendingState::Ready(ids) => Ok(ids),
+            PendingState::Gpu(f) => f.wait(),
+        }
+    }
+
+    pub(crate) fn into_state(self) -> PendingState {
+        self.state
+    }
+}
+
+/// [`Decoder::submit_greedy_after`] for a step whose ids are known on the host: feeds them as
+/// ordinary tokens.
+pub(crate) fn default_submit_greedy_after<D: Decoder + ?Sized>(
+    decoder: &mut D,
+    prev: &PendingStep,
+    seqs: &[SequenceId],
+) -> Result<PendingStep> {
+    let PendingState::Ready(ids) = prev.state() else {
+        return Err(ModelError::invalid(
+            "prev",
+            "the step is still running on a device this decoder cannot read from",
+        ));
+    };
+    let tokens = seqs
+        .iter()
+        .map(|&s| Ok([ids[prev.row_of(s)?]]))
+        .collect::<Result<Vec<[u32; 1]>>>()?;
+    let steps: Vec<_> = seqs
+        .iter()
+        .zip(&tokens)
+        .map(|(&s, t)| SequenceStep::last(s, t))
+        .collect();
+    decoder.submit_greedy(&steps)
 }
 
 /// Checks that a batch and its token choices pair up.

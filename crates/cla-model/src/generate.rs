@@ -337,6 +337,9 @@ fn run(
     }
 
     // Decode: one batched step per new token, over the prompts still running.
+    if decoder.pipelines_greedy() && states.iter().all(|s| s.sampler.config().is_plain_argmax()) {
+        return decode_pipelined(decoder, tokenizer, states, rules, stream);
+    }
     loop {
         let active: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
         if active.is_empty() {
@@ -354,6 +357,96 @@ fn run(
                 return stop_all(states, tokenizer, stream);
             }
         }
+    }
+}
+
+/// Greedy decoding on a backend that pipelines ([`Decoder::pipelines_greedy`]): each step is
+/// submitted before the previous one's tokens are read back, taking them where the device
+/// left them ([`Decoder::submit_greedy_after`]), so that the host prepares step n + 1 while
+/// the device runs step n. The tokens are the same as one step at a time. A prompt whose
+/// token turns out to end it (a stop token or string, or the callback) was already in the
+/// next step: that step's position is given back and its token ignored. Prompts that the
+/// length limits end are left out of the next step in advance.
+fn decode_pipelined(
+    decoder: &mut dyn Decoder,
+    tokenizer: Option<&Tokenizer>,
+    states: &mut [PromptState],
+    rules: &StopRules<'_>,
+    stream: &mut Stream<'_, '_>,
+) -> Result<()> {
+    let seq = |s: &PromptState| s.seq.expect("added before the prefill");
+    // The prompts of the step in flight, in its order.
+    let mut rows: Vec<usize> = (0..states.len()).filter(|&i| !states[i].done).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let feed: Vec<[u32; 1]> = rows
+        .iter()
+        .map(|&i| {
+            [*states[i]
+                .generation
+                .ids
+                .last()
+                .expect("the prefill chose a token")]
+        })
+        .collect();
+    let steps: Vec<_> = rows
+        .iter()
+        .zip(&feed)
+        .map(|(&i, t)| SequenceStep::last(seq(&states[i]), t))
+        .collect();
+    let mut pending = decoder.submit_greedy(&steps)?;
+    let mut last = Instant::now();
+    loop {
+        // The prompts that will feed back the token `pending` chooses for them, whatever it
+        // is: those still running that the length limits do not end with it.
+        let next_rows: Vec<usize> = rows
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let g = &states[i].generation;
+                !states[i].done
+                    && g.ids.len() + 1 < rules.max_new_tokens
+                    && g.prompt_ids.len() + g.ids.len() + 1 < rules.context
+            })
+            .collect();
+        let next = if next_rows.is_empty() {
+            None
+        } else {
+            let seqs: Vec<_> = next_rows.iter().map(|&i| seq(&states[i])).collect();
+            Some(decoder.submit_greedy_after(&pending, &seqs)?)
+        };
+        let ids = decoder.wait_greedy(pending)?;
+        let now = Instant::now();
+        let seconds = (now - last).as_secs_f64();
+        last = now;
+        for (&i, token) in rows.iter().zip(ids) {
+            let s = &mut states[i];
+            if s.done {
+                // Ended by the previous step's token; this one was ahead of knowing it.
+                continue;
+            }
+            s.generation.timings.decode_seconds += seconds;
+            s.generation.timings.decode_tokens += 1;
+            accept(i, s, token, tokenizer, rules, stream)?;
+            if stream.stop {
+                // Every prompt of the next step gives its position back.
+                for &j in &next_rows {
+                    decoder.truncate_sequence(seq(&states[j]), 1)?;
+                }
+                return stop_all(states, tokenizer, stream);
+            }
+        }
+        let Some(next) = next else {
+            return Ok(());
+        };
+        for &i in &next_rows {
+            if states[i].done {
+                decoder.truncate_sequence(seq(&states[i]), 1)?;
+            }
+        }
+        pending = next;
+        rows = next_rows;
     }
 }
 

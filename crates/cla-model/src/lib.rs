@@ -47,13 +47,15 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use cpu::{CpuDecoder, CpuDecoderOptions, cache_config_for};
-pub use decoder::{Decoder, LogitsWanted, SequenceCache, SequenceId, SequenceStep, TokenChoice};
+pub use decoder::{
+    Decoder, LogitsWanted, PendingStep, SequenceCache, SequenceId, SequenceStep, TokenChoice,
+};
 pub use error::{ModelError, Result};
 pub use generate::{
     Generation, GenerationConfig, GenerationTimings, OnToken, StopReason, TokenEvent, generate,
     generate_ids,
 };
-pub use gpu::{GpuDecoder, GpuDecoderOptions, GpuKvStorage, GpuWeightDType};
+pub use gpu::{GpuDecoder, GpuDecoderOptions, GpuKvStorage, GpuWeightDType, StepTiming};
 pub use perplexity::{
     PerplexityConfig, PerplexityReport, Window, perplexity, perplexity_of_ids, plan_windows,
 };

@@ -26,8 +26,8 @@ pub use storage::GpuKvStorage;
 pub use weights::GpuWeightDType;
 
 use crate::decoder::{
-    Decoder, LogitsWanted, SequenceCache, SequenceStep, TokenChoice, end_batch, reserve_batch,
-    validate_batch,
+    Decoder, LogitsWanted, PendingState, PendingStep, SequenceCache, SequenceId, SequenceStep,
+    TokenChoice, default_submit_greedy_after, end_batch, reserve_batch, validate_batch,
 };
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
@@ -135,6 +135,77 @@ enum Readback<'a> {
 enum Output {
     Logits(Vec<Array2<f32>>),
     Ids(Vec<u32>),
+    /// Greedy ids still on their way (a pipelined step).
+    Pending(InFlight),
+}
+
+/// Where a step's input tokens come from when they are the ids an earlier greedy step chose
+/// on the GPU: that step's ids buffer, and the row of it each step of the batch takes.
+struct Feed<'a> {
+    ids: &'a GpuTensor,
+    rows: Vec<u32>,
+}
+
+/// A submitted step whose read-back has not arrived yet: the mappable copy of its result,
+/// and (for greedy steps) the GPU buffer of the chosen ids, which a next step can read
+/// without waiting.
+pub(crate) struct InFlight {
+    ctx: Arc<GpuContext>,
+    staging: wgpu::Buffer,
+    index: wgpu::SubmissionIndex,
+    done: std::sync::mpsc::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
+    bytes: u64,
+    ids: Option<GpuTensor>,
+    started: std::time::Instant,
+    submitted: std::time::Instant,
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InFlight {
+    /// Waits for the read-back; returns its bytes and where the host's time went.
+    fn wait_bytes(self) -> Result<(Vec<u8>, StepTiming), GpuError> {
+        self.ctx
+            .device()
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.index),
+                timeout: None,
+            })
+            .map_err(|e| GpuError::Device(e.to_string()))?;
+        self.ctx.take_errors()?;
+        self.done
+            .recv()
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .map_err(|e| GpuError::Readback(e.to_string()))?;
+        let data = self
+            .staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Readback(e.to_string()))?
+            .to_vec();
+        self.staging.unmap();
+        let timing = StepTiming {
+            record_s: (self.submitted - self.started).as_secs_f64(),
+            wait_s: self.submitted.elapsed().as_secs_f64(),
+        };
+        Ok((data[..self.bytes as usize].to_vec(), timing))
+    }
+
+    /// The token ids of a greedy step.
+    pub(crate) fn wait(self) -> Result<Vec<u32>> {
+        Ok(self.wait_timed()?.0)
+    }
+
+    /// The token ids of a greedy step, and where the host's time went.
+    fn wait_timed(self) -> Result<(Vec<u32>, StepTiming)> {
+        let (bytes, timing) = self.wait_bytes().map_err(gpu_error)?;
+        Ok((bytemuck::pod_collect_to_vec(&bytes), timing))
+    }
 }
 
 /// The rows a layer runs on: hidden states, their positions, and the batch description
@@ -144,6 +215,18 @@ struct Rows<'a> {
     n: usize,
     pos: &'a GpuTensor,
     batch: &'a SeqBatch,
+}
+
+/// Where the host's time went in the last forward pass: recording it (from the call until its
+/// one submission) and waiting for it (from the submission until the read-back is in host
+/// memory: the GPU's work, the fence and the copy). With `submit_every_layers` the GPU starts
+/// before `record_s` ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTiming {
+    /// Seconds from the call to the submission of the step's last commands.
+    pub record_s: f64,
+    /// Seconds from that submission until the read-back arrived.
+    pub wait_s: f64,
 }
 
 /// The GPU implementation of [`Decoder`].
@@ -162,6 +245,8 @@ pub struct GpuDecoder {
     /// Bind groups of the steps' dispatches. They keep their buffers alive, so the cache is
     /// cleared before `work` or `logits` is replaced.
     bind_groups: Arc<cla_kernels_wgpu::BindGroupCache>,
+    /// Host time of the last forward pass.
+    timing: StepTiming,
 }
 
 impl fmt::Debug for GpuDecoder {
@@ -239,6 +324,7 @@ impl GpuDecoder {
             logits: None,
             next_ids: None,
             bind_groups: Arc::default(),
+            timing: StepTiming::default(),
         })
     }
 
@@ -270,6 +356,11 @@ impl GpuDecoder {
         Ok(())
     }
 
+    /// Where the host's time went in the last forward pass (see [`StepTiming`]).
+    pub fn last_step_timing(&self) -> StepTiming {
+        self.timing
+    }
+
     /// Bytes of the weight buffers on the device.
     pub fn weight_bytes(&self) -> u64 {
         self.weights.bytes
@@ -282,8 +373,24 @@ impl GpuDecoder {
     pub fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
         match self.forward_with(batch, Readback::Greedy)? {
             Output::Ids(ids) => Ok(ids),
-            Output::Logits(_) => unreachable!("greedy read-back returns ids"),
+            Output::Logits(_) | Output::Pending(_) => unreachable!("greedy read-back returns ids"),
         }
+    }
+
+    /// A greedy step left in flight; `feed` as in [`Self::run`].
+    fn submit_greedy_fed(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        feed: Option<&Feed<'_>>,
+    ) -> Result<PendingStep> {
+        let seqs = batch.iter().map(|s| s.seq).collect();
+        let state = match self.forward_fed(batch, Readback::Greedy, feed, true)? {
+            Output::Pending(f) => PendingState::Gpu(f),
+            // (An empty batch.)
+            Output::Ids(ids) => PendingState::Ready(ids),
+            Output::Logits(_) => unreachable!("greedy read-back returns ids"),
+        };
+        Ok(PendingStep::new(seqs, state))
     }
 
     /// Validate, reserve, run, then commit (or abort on any error).
@@ -291,6 +398,18 @@ impl GpuDecoder {
         &mut self,
         batch: &[SequenceStep<'_>],
         readback: Readback<'_>,
+    ) -> Result<Output> {
+        self.forward_fed(batch, readback, None, false)
+    }
+
+    /// [`Self::forward_with`] with the input tokens from `feed` and the read-back deferred
+    /// (see [`Self::run`]).
+    fn forward_fed(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        readback: Readback<'_>,
+        feed: Option<&Feed<'_>>,
+        defer: bool,
     ) -> Result<Output> {
         if batch.is_empty() {
             return Ok(match readback {
@@ -301,7 +420,7 @@ impl GpuDecoder {
         validate_batch(&self.config, &self.cache, batch)?;
         let reserved = reserve_batch(&mut self.cache, batch)?;
         let outcome = self
-            .run(batch, readback)
+            .run(batch, readback, feed, defer)
             .and_then(|out| self.mark_written(batch, &reserved).map(|()| out));
         end_batch(&mut self.cache, batch, outcome)
     }
@@ -366,7 +485,16 @@ impl GpuDecoder {
     }
 
     /// The forward pass proper; the caller has reserved the new positions in the cache.
-    fn run(&mut self, batch: &[SequenceStep<'_>], readback: Readback<'_>) -> Result<Output> {
+    /// `feed`: take the input tokens from an earlier step's ids buffer instead of the steps'
+    /// `tokens` (one per step); `defer`: return a greedy step's ids still in flight.
+    fn run(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        readback: Readback<'_>,
+        feed: Option<&Feed<'_>>,
+        defer: bool,
+    ) -> Result<Output> {
+        let started = std::time::Instant::now();
         let ctx = Arc::clone(&self.ctx);
         let c = self.config.clone();
         let g = gpu_error;
@@ -419,7 +547,12 @@ impl GpuDecoder {
         } else {
             None
         };
-        let ids_t = ctx.upload_u32(&ids, &[rows]).map_err(g)?;
+        let ids_t = match feed {
+            None => ctx.upload_u32(&ids, &[rows]).map_err(g)?,
+            Some(_) => ctx
+                .create_tensor(&[rows], DType::U32, "fed ids")
+                .map_err(g)?,
+        };
         let pos_t = ctx.upload_u32(&pos, &[rows]).map_err(g)?;
         let kept_t = if reduce {
             Some((
@@ -444,6 +577,25 @@ impl GpuDecoder {
             num_layers
         };
         let mut enc = ctx.encoder();
+        if let Some(feed) = feed {
+            // Runs of consecutive rows in one copy each (all of them when the batch is the
+            // same as the earlier step's).
+            let mut i = 0;
+            while i < feed.rows.len() {
+                let mut n = 1;
+                while i + n < feed.rows.len() && feed.rows[i + n] == feed.rows[i] + n as u32 {
+                    n += 1;
+                }
+                enc.copy_buffer_to_buffer(
+                    &feed.ids.buffer,
+                    4 * u64::from(feed.rows[i]),
+                    &ids_t.buffer,
+                    4 * i as u64,
+                    4 * n as u64,
+                );
+                i += n;
+            }
+        }
         // The step's dispatches in one compute pass (one per `submit_every_layers` layers; the
         // last ended by `read_back`), with the bind groups of earlier steps.
         let mut passes = ctx.batch_passes_cached(&mut enc, Arc::clone(&self.bind_groups));
@@ -509,8 +661,12 @@ impl GpuDecoder {
 
         match readback {
             Readback::Logits => {
-                let bytes = read_back(&ctx, enc, &logits.buffer, (kept * c.vocab_size * 4) as u64)
-                    .map_err(g)?;
+                let bytes = (kept * c.vocab_size * 4) as u64;
+                let (bytes, timing) =
+                    submit_read_back(&ctx, enc, &logits.buffer, bytes, None, started)
+                        .wait_bytes()
+                        .map_err(g)?;
+                self.timing = timing;
                 let values: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
                 let mut out = Vec::with_capacity(batch.len());
                 let mut at = 0;
@@ -532,7 +688,20 @@ impl GpuDecoder {
                     _ => ctx.argmax(&mut enc, &logits, &ids_out),
                 }
                 .map_err(g)?;
-                let bytes = read_back(&ctx, enc, &ids_out.buffer, (kept * 4) as u64).map_err(g)?;
+                let buffer = ids_out.buffer.clone();
+                let flight = submit_read_back(
+                    &ctx,
+                    enc,
+                    &buffer,
+                    (kept * 4) as u64,
+                    Some(ids_out),
+                    started,
+                );
+                if defer {
+                    return Ok(Output::Pending(flight));
+                }
+                let (bytes, timing) = flight.wait_bytes().map_err(g)?;
+                self.timing = timing;
                 Ok(Output::Ids(bytemuck::pod_collect_to_vec(&bytes)))
             }
         }
@@ -627,14 +796,17 @@ fn norm_input<'a>(
     Ok(ProjInput::Plain(tmp))
 }
 
-/// Appends a copy of the first `bytes` of `src` to a mappable buffer to `enc`, submits it (the
-/// one submission of a step), waits, and returns the bytes.
-fn read_back(
-    ctx: &GpuContext,
+/// Appends a copy of the first `bytes` of `src` to a mappable buffer to `enc` and submits it
+/// (the one submission of a step), without waiting. `ids`: the greedy ids buffer, kept for a
+/// next step to read; `started`: when the step's recording began.
+fn submit_read_back(
+    ctx: &Arc<GpuContext>,
     mut enc: wgpu::CommandEncoder,
     src: &wgpu::Buffer,
     bytes: u64,
-) -> Result<Vec<u8>, GpuError> {
+    ids: Option<GpuTensor>,
+    started: std::time::Instant,
+) -> InFlight {
     let size = bytes.max(4).div_ceil(4) * 4;
     let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("cla step read-back"),
@@ -645,26 +817,21 @@ fn read_back(
     ctx.end_batch(&enc);
     enc.copy_buffer_to_buffer(src, 0, &staging, 0, size);
     let index = ctx.queue().submit([enc.finish()]);
-    let (tx, rx) = std::sync::mpsc::channel();
+    let submitted = std::time::Instant::now();
+    let (tx, done) = std::sync::mpsc::channel();
     staging.map_async(wgpu::MapMode::Read, .., move |r| {
         let _ = tx.send(r);
     });
-    ctx.device()
-        .poll(wgpu::PollType::Wait {
-            submission_index: Some(index),
-            timeout: None,
-        })
-        .map_err(|e| GpuError::Device(e.to_string()))?;
-    ctx.take_errors()?;
-    rx.recv()
-        .map_err(|e| GpuError::Readback(e.to_string()))?
-        .map_err(|e| GpuError::Readback(e.to_string()))?;
-    let data = staging
-        .get_mapped_range(..)
-        .map_err(|e| GpuError::Readback(e.to_string()))?
-        .to_vec();
-    staging.unmap();
-    Ok(data[..bytes as usize].to_vec())
+    InFlight {
+        ctx: Arc::clone(ctx),
+        staging,
+        index,
+        done,
+        bytes,
+        ids,
+        started,
+        submitted,
+    }
 }
 
 impl Decoder for GpuDecoder {
@@ -683,12 +850,56 @@ impl Decoder for GpuDecoder {
     fn forward(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<Array2<f32>>> {
         match self.forward_with(batch, Readback::Logits)? {
             Output::Logits(l) => Ok(l),
-            Output::Ids(_) => unreachable!("logits read-back returns logits"),
+            Output::Ids(_) | Output::Pending(_) => {
+                unreachable!("logits read-back returns logits")
+            }
         }
     }
 
     fn forward_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<Vec<u32>> {
         GpuDecoder::forward_greedy(self, batch)
+    }
+
+    fn submit_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<PendingStep> {
+        self.submit_greedy_fed(batch, None)
+    }
+
+    fn submit_greedy_after(
+        &mut self,
+        prev: &PendingStep,
+        seqs: &[SequenceId],
+    ) -> Result<PendingStep> {
+        let PendingState::Gpu(InFlight { ids: Some(ids), .. }) = prev.state() else {
+            // Known ids (or an empty step): the trait's way, feeding them from the host.
+            return default_submit_greedy_after(self, prev, seqs);
+        };
+        let rows = seqs
+            .iter()
+            .map(|&s| prev.row_of(s).map(|r| r as u32))
+            .collect::<Result<Vec<_>>>()?;
+        // The tokens themselves come from `ids`; the steps say one token each.
+        let placeholder = [0u32];
+        let steps: Vec<_> = seqs
+            .iter()
+            .map(|&s| SequenceStep::last(s, &placeholder))
+            .collect();
+        let ids = ids.clone();
+        self.submit_greedy_fed(&steps, Some(&Feed { ids: &ids, rows }))
+    }
+
+    fn wait_greedy(&mut self, step: PendingStep) -> Result<Vec<u32>> {
+        match step.into_state() {
+            PendingState::Ready(ids) => Ok(ids),
+            PendingState::Gpu(f) => {
+                let (ids, timing) = f.wait_timed()?;
+                self.timing = timing;
+                Ok(ids)
+            }
+        }
+    }
+
+    fn pipelines_greedy(&self) -> bool {
+        true
     }
 
     fn forward_sample(

@@ -119,7 +119,9 @@ impl GpuDecoder {
         };
         let ids = match self.forward_with(batch, Readback::Sample(&plan))? {
             Output::Ids(ids) => ids,
-            Output::Logits(_) => unreachable!("a sampling read-back returns ids"),
+            Output::Logits(_) | Output::Pending(_) => {
+                unreachable!("a sampling read-back returns ids")
+            }
         };
         // The draws used the streams' next numbers: move past them, as the CPU would have.
         for c in choices.iter_mut() {

@@ -295,6 +295,130 @@ fn greedy_generation_gives_the_cpu_tokens() {
     }
 }
 
+/// The pipelined steps (`submit_greedy`, `submit_greedy_after`: each step's tokens read from
+/// the previous step's ids on the GPU, the next step submitted before the ids are read back)
+/// against `forward_greedy` one step at a time with the tokens fed from the host, on twin
+/// decoders. Midway one sequence leaves the batch and the others change order, so the fed
+/// ids are gathered from rows other than their own.
+#[test]
+fn pipelined_greedy_steps_equal_host_fed_steps() {
+    let c = small_config(sharing(SharingPattern::Cla(2), 4), 32, 4, 2, 8, 50, false);
+    let w = random(&c, 11, false);
+    let mut piped = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
+    let mut fed = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
+    assert!(piped.pipelines_greedy());
+    let prompts = [tokens(4, 6, 50), tokens(5, 3, 50), tokens(6, 9, 50)];
+    let sp: Vec<_> = prompts.iter().map(|_| piped.add_sequence()).collect();
+    let sf: Vec<_> = prompts.iter().map(|_| fed.add_sequence()).collect();
+    let steps = |seqs: &[cla_model::SequenceId]| -> Vec<SequenceStep<'_>> {
+        seqs.iter()
+            .zip(&prompts)
+            .map(|(&s, p)| SequenceStep::last(s, p))
+            .collect()
+    };
+    let mut pending = piped.submit_greedy(&steps(&sp)).unwrap();
+    let mut want = fed.forward_greedy(&steps(&sf)).unwrap();
+    // Batch order per step, as indices into the three sequences.
+    let orders: [&[usize]; 6] = [&[0, 1, 2], &[0, 1, 2], &[2, 0], &[0, 2], &[2, 0], &[2]];
+    let mut prev_order: &[usize] = &[0, 1, 2];
+    for (step, order) in orders.iter().enumerate() {
+        let next = piped
+            .submit_greedy_after(&pending, &order.iter().map(|&i| sp[i]).collect::<Vec<_>>())
+            .unwrap();
+        let got = piped.wait_greedy(pending).unwrap();
+        assert_eq!(got, want, "step {step}");
+        // The host-fed twin: each sequence's token from the previous step's row for it.
+        let feed: Vec<[u32; 1]> = order
+            .iter()
+            .map(|i| [want[prev_order.iter().position(|p| p == i).unwrap()]])
+            .collect();
+        let host_steps: Vec<_> = order
+            .iter()
+            .zip(&feed)
+            .map(|(&i, t)| SequenceStep::last(sf[i], t))
+            .collect();
+        want = fed.forward_greedy(&host_steps).unwrap();
+        pending = next;
+        prev_order = order;
+    }
+    assert_eq!(piped.wait_greedy(pending).unwrap(), want, "last step");
+    for (a, b) in sp.iter().zip(&sf) {
+        assert_eq!(
+            piped.sequence_len(*a).unwrap(),
+            fed.sequence_len(*b).unwrap()
+        );
+    }
+    // A sequence the earlier step did not run is a typed error, and changes nothing.
+    let lone = piped
+        .submit_greedy(&[SequenceStep::last(sp[1], &[7])])
+        .unwrap();
+    let len = piped.sequence_len(sp[0]).unwrap();
+    let err = piped.submit_greedy_after(&lone, &[sp[0]]).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidArgument { .. }), "{err}");
+    assert_eq!(piped.sequence_len(sp[0]).unwrap(), len);
+    piped.wait_greedy(lone).unwrap();
+}
+
+/// Generation on the GPU submits each step ahead of reading the previous one's tokens, so a
+/// prompt that hits a stop token, or a callback that stops everything, leaves one step in
+/// flight that must be given back. Same tokens, stop reasons and cache bytes as the CPU,
+/// which runs one step at a time.
+#[test]
+fn pipelined_generation_stops_like_the_cpu() {
+    let c = small_config(sharing(SharingPattern::Cla(2), 4), 32, 4, 1, 8, 64, true);
+    let w = random(&c, 13, true);
+    // One position per block, so that the cache bytes count every position held.
+    let (mut cpu, mut gpu) = pair(&w, KvCacheConfig::new(256, KvDType::F32).with_block_size(1));
+    let prompts = vec![tokens(7, 4, 64), tokens(8, 10, 64), tokens(9, 2, 64)];
+    let go_on = &mut |_: cla_model::TokenEvent<'_>| ControlFlow::Continue(());
+    let free_run = GenerationConfig {
+        max_new_tokens: 10,
+        sampling: SamplingConfig::greedy(),
+        stop_at_eos: false,
+        ..GenerationConfig::default()
+    };
+    let plain = generate_ids(&mut cpu, None, &prompts, &free_run, go_on).unwrap();
+    // Stop tokens: the third token of the first prompt's continuation and the sixth of the
+    // second's, so prompts end at different steps while others run on.
+    let stops = vec![plain[0].ids[2], plain[1].ids[5]];
+    let config = GenerationConfig {
+        stop_token_ids: stops.clone(),
+        ..free_run.clone()
+    };
+    let a = generate_ids(&mut cpu, None, &prompts, &config, go_on).unwrap();
+    let b = generate_ids(&mut gpu, None, &prompts, &config, go_on).unwrap();
+    assert!(
+        a.iter()
+            .any(|g| matches!(g.stop_reason, cla_model::StopReason::StopToken(_))),
+        "the stop tokens must end a prompt: {stops:?}"
+    );
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(a.ids, b.ids, "prompt {i}");
+        assert_eq!(a.stop_reason, b.stop_reason, "prompt {i}");
+        assert_eq!(a.kv_bytes, b.kv_bytes, "prompt {i}");
+    }
+    // The callback stops everything after the seventh token.
+    let stop_after = |n: usize| {
+        let mut seen = 0;
+        move |_: cla_model::TokenEvent<'_>| {
+            seen += 1;
+            if seen >= n {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        }
+    };
+    let a = generate_ids(&mut cpu, None, &prompts, &free_run, &mut stop_after(7)).unwrap();
+    let b = generate_ids(&mut gpu, None, &prompts, &free_run, &mut stop_after(7)).unwrap();
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(a.ids, b.ids, "stopped, prompt {i}");
+        assert_eq!(a.stop_reason, b.stop_reason, "stopped, prompt {i}");
+        assert_eq!(a.kv_bytes, b.kv_bytes, "stopped, prompt {i}");
+    }
+    assert_eq!(gpu.kv_bytes_in_use(), 0);
+}
+
 #[test]
 fn fork_copy_on_write_and_truncate_match_cpu() {
     let c = small_config(sharing(SharingPattern::Cla(2), 4), 32, 4, 2, 8, 50, false);
