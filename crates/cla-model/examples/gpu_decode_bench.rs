@@ -141,6 +141,16 @@ fn one_token_steps<R>(
 /// Runs one shape on `dec` and returns its figures.
 fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     let vocab = dec.config().vocab_size;
+    let context = dec.config().max_position_embeddings;
+    assert!(
+        s.prompt + 2 * s.decode + s.logits_steps <= context,
+        "{} prompt tokens, {} greedy and {} pipelined steps and {} logits steps exceed the \
+         model's {context} positions",
+        s.prompt,
+        s.decode,
+        s.decode,
+        s.logits_steps
+    );
     // Warm-up: the same batch size, so every pipeline variant the timed run uses is built.
     let seqs: Vec<_> = (0..s.batch).map(|_| dec.add_sequence()).collect();
     let warm: Vec<Vec<u32>> = (0..s.batch)
@@ -430,7 +440,8 @@ fn main() {
     let shapes = if args.quick {
         shapes(16, 4, 2, &[1, 4])
     } else {
-        shapes(128, 64, 16, &[1, 32])
+        // (Prompt, greedy, logits and pipelined steps within its 256 positions.)
+        shapes(128, 48, 16, &[1, 32])
     };
     let mut dec = GpuDecoder::with_options(
         Arc::clone(&ctx),
