@@ -29,9 +29,10 @@ Examples:
   cla bench --config tiny.json --json
   cla bench --preset H128-MQA-CLA2 --max-weight-bytes 8GiB --batch 1 --context 128
 
-Each cell of the grid runs BATCH sequences of random token ids: a batched prefill of
-CONTEXT - DECODE tokens each, then DECODE batched decode steps of one token each, so every
-sequence ends at CONTEXT tokens. Prefill tokens/s counts the prompt tokens of the whole
+Each cell of the grid runs BATCH sequences: a batched prefill of CONTEXT - DECODE random token
+ids each, then DECODE batched greedy decode steps, each feeding back the token the model chose
+(as `cla generate` does: on a GPU each step is submitted before the previous one's tokens are
+read back), so every sequence ends at CONTEXT tokens. Prefill tokens/s counts the prompt tokens of the whole
 batch; decode tokens/s counts one token per sequence per step. Peak KV bytes is what the
 cache held at the end. A short warm-up runs first. Contexts default to 128 and 512, capped at
 the model's max_position_embeddings; an explicit context above it is an error.
@@ -361,7 +362,15 @@ fn warm_up(decoder: &mut dyn Decoder, rng: &mut SplitMix64) -> cla_model::Result
     let len = decoder.config().max_position_embeddings.min(8);
     let seq = decoder.add_sequence();
     let tokens = random_ids(rng, vocab, len);
-    let result = decoder.forward(&[SequenceStep::last(seq, &tokens)]);
+    // The logits path and the greedy path (whose token choice is its own kernel on a GPU).
+    let result = match tokens.split_last() {
+        Some((last, rest)) if !rest.is_empty() => decoder
+            .forward(&[SequenceStep::last(seq, rest)])
+            .and_then(|_| {
+                decoder.forward_greedy(&[SequenceStep::last(seq, std::slice::from_ref(last))])
+            }),
+        _ => decoder.forward_greedy(&[SequenceStep::last(seq, &tokens)]),
+    };
     decoder.free_sequence(seq)?;
     result.map(|_| ())
 }
@@ -391,23 +400,30 @@ fn cell(
             .map(|(&s, p)| SequenceStep::last(s, p))
             .collect();
         let started = Instant::now();
-        decoder.forward(&steps)?;
+        let first = decoder.forward_greedy(&steps)?;
         let prefill_seconds = started.elapsed().as_secs_f64();
-        let mut decode_seconds = 0.0;
-        for _ in 0..decode {
-            if interrupt::requested() {
-                return Ok(None);
-            }
-            let next = random_ids(rng, vocab, batch);
+        // Greedy decoding as `cla generate` runs it: each step feeds back the tokens the
+        // previous one chose, and where the backend pipelines (a GPU) it is submitted before
+        // those tokens are read back.
+        let started = Instant::now();
+        if decode > 0 {
             let steps: Vec<SequenceStep<'_>> = seqs
                 .iter()
-                .zip(&next)
+                .zip(&first)
                 .map(|(&s, t)| SequenceStep::last(s, std::slice::from_ref(t)))
                 .collect();
-            let started = Instant::now();
-            decoder.forward(&steps)?;
-            decode_seconds += started.elapsed().as_secs_f64();
+            let mut pending = decoder.submit_greedy(&steps)?;
+            for _ in 1..decode {
+                if interrupt::requested() {
+                    return Ok(None);
+                }
+                let ahead = decoder.submit_greedy_after(&pending, &seqs)?;
+                decoder.wait_greedy(pending)?;
+                pending = ahead;
+            }
+            decoder.wait_greedy(pending)?;
         }
+        let decode_seconds = started.elapsed().as_secs_f64();
         let peak_kv_bytes = decoder.kv_bytes_in_use();
         let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
         Ok(Some(Row {
