@@ -228,10 +228,10 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
             let ahead = dec
                 .submit_greedy_after(&pending, &seqs)
                 .expect("pipelined decode");
-            dec.wait_greedy(pending).expect("pipelined read-back");
+            dec.wait_step(pending).expect("pipelined read-back");
             pending = ahead;
         }
-        dec.wait_greedy(pending).expect("pipelined read-back");
+        dec.wait_step(pending).expect("pipelined read-back");
         pipelined_steps = s.decode;
     }
     let pipelined_s = t.elapsed().as_secs_f64();

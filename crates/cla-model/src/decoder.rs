@@ -227,8 +227,8 @@ pub trait Decoder {
             .collect())
     }
 
-    /// Starts [`Self::forward_greedy`] on `batch`; [`Self::wait_greedy`] returns its ids. A
-    /// backend that reports [`Self::pipelines_greedy`] returns before the step has run, so
+    /// Starts [`Self::forward_greedy`] on `batch`; [`Self::wait_step`] returns its ids. A
+    /// backend that reports [`Self::pipelines_steps`] returns before the step has run, so
     /// that the host can prepare the next step (see [`Self::submit_greedy_after`]) while the
     /// device works. The cache changes as with `forward_greedy`, at once.
     fn submit_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<PendingStep> {
@@ -249,19 +249,46 @@ pub trait Decoder {
         prev: &PendingStep,
         seqs: &[SequenceId],
     ) -> Result<PendingStep> {
-        default_submit_greedy_after(self, prev, seqs)
+        default_submit_after(self, prev, seqs, |d, steps| d.submit_greedy(steps))
     }
 
-    /// The ids of a step from [`Self::submit_greedy`] or [`Self::submit_greedy_after`], per
-    /// sequence in its order ([`PendingStep::sequences`]); waits for the device if needed.
-    fn wait_greedy(&mut self, step: PendingStep) -> Result<Vec<u32>> {
+    /// [`Self::submit_greedy`] for any token choice: starts [`Self::forward_sample`] on
+    /// `batch`, each sequence's sampler moving past its draw at once.
+    fn submit_sample(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<PendingStep> {
+        let ids = self.forward_sample(batch, choices)?;
+        Ok(PendingStep::new(
+            batch.iter().map(|s| s.seq).collect(),
+            PendingState::Ready(ids),
+        ))
+    }
+
+    /// [`Self::submit_greedy_after`] for any token choice: `choices[i]` picks the token of
+    /// `seqs[i]`. Its repetition penalty must be 1 (off): the history the penalty needs would
+    /// have to hold `prev`'s token, which is not known yet.
+    fn submit_sample_after(
+        &mut self,
+        prev: &PendingStep,
+        seqs: &[SequenceId],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<PendingStep> {
+        check_chained_choices(seqs, choices)?;
+        default_submit_after(self, prev, seqs, |d, steps| d.submit_sample(steps, choices))
+    }
+
+    /// The ids of a step from the `submit_*` methods, per sequence in its order
+    /// ([`PendingStep::sequences`]); waits for the device if needed.
+    fn wait_step(&mut self, step: PendingStep) -> Result<Vec<u32>> {
         step.into_ids()
     }
 
-    /// Whether [`Self::submit_greedy`] returns before the step has run. Where it does not,
+    /// Whether the `submit_*` methods return before the step has run. Where they do not,
     /// a step submitted ahead of knowing whether it is needed costs its full time, so the
     /// generation loop submits ahead only when this is true.
-    fn pipelines_greedy(&self) -> bool {
+    fn pipelines_steps(&self) -> bool {
         false
     }
 
@@ -281,9 +308,9 @@ pub trait Decoder {
     }
 }
 
-/// A greedy step handed to a backend whose token ids may not be known yet (see
-/// [`Decoder::submit_greedy`]): [`Decoder::wait_greedy`] gives them, and
-/// [`Decoder::submit_greedy_after`] can feed them to the next step without waiting.
+/// A step handed to a backend whose token ids may not be known yet (see
+/// [`Decoder::submit_greedy`] and [`Decoder::submit_sample`]): [`Decoder::wait_step`] gives
+/// them, and the `submit_*_after` methods can feed them to the next step without waiting.
 #[derive(Debug)]
 pub struct PendingStep {
     /// The sequences of the step, in batch order (the order of the ids).
@@ -336,12 +363,13 @@ impl PendingStep {
     }
 }
 
-/// [`Decoder::submit_greedy_after`] for a step whose ids are known on the host: feeds them as
-/// ordinary tokens.
-pub(crate) fn default_submit_greedy_after<D: Decoder + ?Sized>(
+/// The chained `submit_*_after` methods for a step whose ids are known on the host: feeds
+/// them as ordinary tokens to `submit`.
+pub(crate) fn default_submit_after<D: Decoder + ?Sized>(
     decoder: &mut D,
     prev: &PendingStep,
     seqs: &[SequenceId],
+    submit: impl FnOnce(&mut D, &[SequenceStep<'_>]) -> Result<PendingStep>,
 ) -> Result<PendingStep> {
     let PendingState::Ready(ids) = prev.state() else {
         return Err(ModelError::invalid(
@@ -358,7 +386,35 @@ pub(crate) fn default_submit_greedy_after<D: Decoder + ?Sized>(
         .zip(&tokens)
         .map(|(&s, t)| SequenceStep::last(s, t))
         .collect();
-    decoder.submit_greedy(&steps)
+    submit(decoder, &steps)
+}
+
+/// Checks the choices of a chained sampled step: one per sequence, no repetition penalty.
+pub(crate) fn check_chained_choices(
+    seqs: &[SequenceId],
+    choices: &[TokenChoice<'_>],
+) -> Result<()> {
+    if seqs.len() != choices.len() {
+        return Err(ModelError::invalid(
+            "choices",
+            format!(
+                "{} token choices for {} sequences; give one per sequence",
+                choices.len(),
+                seqs.len()
+            ),
+        ));
+    }
+    if choices
+        .iter()
+        .any(|c| c.sampler.config().repetition_penalty != 1.0)
+    {
+        return Err(ModelError::invalid(
+            "choices",
+            "a step chained to one still running cannot apply a repetition penalty (its \
+             history would need the token that step chooses); submit it after waiting",
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that a batch and its token choices pair up.

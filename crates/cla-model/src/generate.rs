@@ -337,7 +337,11 @@ fn run(
     }
 
     // Decode: one batched step per new token, over the prompts still running.
-    if decoder.pipelines_greedy() && states.iter().all(|s| s.sampler.config().is_plain_argmax()) {
+    if decoder.pipelines_steps()
+        && states
+            .iter()
+            .all(|s| s.sampler.config().repetition_penalty == 1.0)
+    {
         return decode_pipelined(decoder, tokenizer, states, rules, stream);
     }
     loop {
@@ -360,13 +364,15 @@ fn run(
     }
 }
 
-/// Greedy decoding on a backend that pipelines ([`Decoder::pipelines_greedy`]): each step is
-/// submitted before the previous one's tokens are read back, taking them where the device
-/// left them ([`Decoder::submit_greedy_after`]), so that the host prepares step n + 1 while
-/// the device runs step n. The tokens are the same as one step at a time. A prompt whose
-/// token turns out to end it (a stop token or string, or the callback) was already in the
-/// next step: that step's position is given back and its token ignored. Prompts that the
-/// length limits end are left out of the next step in advance.
+/// Decoding on a backend that pipelines ([`Decoder::pipelines_steps`]), without a
+/// repetition penalty (which needs each token before the next step): each step is submitted
+/// before the previous one's tokens are read back, taking them where the device left them
+/// ([`Decoder::submit_greedy_after`], [`Decoder::submit_sample_after`]), so that the host
+/// prepares step n + 1 while the device runs step n. The tokens are the same as one step at
+/// a time (a sampler's stream moves on by one draw per step either way). A prompt whose token
+/// turns out to end it (a stop token or string, or the callback) was already in the next
+/// step: that step's position is given back and its token ignored. Prompts that the length
+/// limits end are left out of the next step in advance.
 fn decode_pipelined(
     decoder: &mut dyn Decoder,
     tokenizer: Option<&Tokenizer>,
@@ -380,6 +386,7 @@ fn decode_pipelined(
     if rows.is_empty() {
         return Ok(());
     }
+    let greedy = states.iter().all(|s| s.sampler.config().is_plain_argmax());
     let feed: Vec<[u32; 1]> = rows
         .iter()
         .map(|&i| {
@@ -395,7 +402,11 @@ fn decode_pipelined(
         .zip(&feed)
         .map(|(&i, t)| SequenceStep::last(seq(&states[i]), t))
         .collect();
-    let mut pending = decoder.submit_greedy(&steps)?;
+    let mut pending = if greedy {
+        decoder.submit_greedy(&steps)?
+    } else {
+        decoder.submit_sample(&steps, &mut choices_of(states, &rows))?
+    };
     let mut last = Instant::now();
     loop {
         // The prompts that will feed back the token `pending` chooses for them, whatever it
@@ -414,9 +425,14 @@ fn decode_pipelined(
             None
         } else {
             let seqs: Vec<_> = next_rows.iter().map(|&i| seq(&states[i])).collect();
-            Some(decoder.submit_greedy_after(&pending, &seqs)?)
+            Some(if greedy {
+                decoder.submit_greedy_after(&pending, &seqs)?
+            } else {
+                let mut choices = choices_of(states, &next_rows);
+                decoder.submit_sample_after(&pending, &seqs, &mut choices)?
+            })
         };
-        let ids = decoder.wait_greedy(pending)?;
+        let ids = decoder.wait_step(pending)?;
         let now = Instant::now();
         let seconds = (now - last).as_secs_f64();
         last = now;
@@ -448,6 +464,23 @@ fn decode_pipelined(
         pending = next;
         rows = next_rows;
     }
+}
+
+/// The token choices of the prompts `rows` (ascending indices), in that order.
+fn choices_of<'a>(states: &'a mut [PromptState], rows: &[usize]) -> Vec<TokenChoice<'a>> {
+    let mut wanted = vec![false; states.len()];
+    for &i in rows {
+        wanted[i] = true;
+    }
+    states
+        .iter_mut()
+        .zip(wanted)
+        .filter(|(_, w)| *w)
+        .map(|(s, _)| TokenChoice {
+            sampler: &mut s.sampler,
+            history: s.history.as_slice(),
+        })
+        .collect()
 }
 
 /// Runs one batched step over the prompts still running (their whole prompts for the

@@ -418,10 +418,10 @@ fn cell(
                     return Ok(None);
                 }
                 let ahead = decoder.submit_greedy_after(&pending, &seqs)?;
-                decoder.wait_greedy(pending)?;
+                decoder.wait_step(pending)?;
                 pending = ahead;
             }
-            decoder.wait_greedy(pending)?;
+            decoder.wait_step(pending)?;
         }
         let decode_seconds = started.elapsed().as_secs_f64();
         let peak_kv_bytes = decoder.kv_bytes_in_use();

@@ -27,7 +27,8 @@ pub use weights::GpuWeightDType;
 
 use crate::decoder::{
     Decoder, LogitsWanted, PendingState, PendingStep, SequenceCache, SequenceId, SequenceStep,
-    TokenChoice, default_submit_greedy_after, end_batch, reserve_batch, validate_batch,
+    TokenChoice, check_chained_choices, default_submit_after, end_batch, reserve_batch,
+    validate_batch,
 };
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
@@ -139,11 +140,37 @@ enum Output {
     Pending(InFlight),
 }
 
-/// Where a step's input tokens come from when they are the ids an earlier greedy step chose
-/// on the GPU: that step's ids buffer, and the row of it each step of the batch takes.
-struct Feed<'a> {
-    ids: &'a GpuTensor,
+/// Where a step's input tokens come from when they are the ids an earlier step chose on the
+/// GPU: that step's ids buffer, and the row of it each step of the batch takes.
+struct Feed {
+    ids: GpuTensor,
     rows: Vec<u32>,
+}
+
+impl Feed {
+    /// The feed of a step that gives each of `seqs` the token `prev` chose for it, or `None`
+    /// when `prev`'s ids are not on the GPU (known on the host, or an empty step).
+    fn after(prev: &PendingStep, seqs: &[SequenceId]) -> Result<Option<Feed>> {
+        let PendingState::Gpu(InFlight { ids: Some(ids), .. }) = prev.state() else {
+            return Ok(None);
+        };
+        let rows = seqs
+            .iter()
+            .map(|&s| prev.row_of(s).map(|r| r as u32))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Feed {
+            ids: ids.clone(),
+            rows,
+        }))
+    }
+}
+
+/// One-token steps for `seqs` whose tokens come from a [`Feed`] (the steps only say how many).
+fn fed_steps(seqs: &[SequenceId]) -> Vec<SequenceStep<'static>> {
+    const PLACEHOLDER: [u32; 1] = [0];
+    seqs.iter()
+        .map(|&s| SequenceStep::last(s, &PLACEHOLDER))
+        .collect()
 }
 
 /// A submitted step whose read-back has not arrived yet: the mappable copy of its result,
@@ -381,7 +408,7 @@ impl GpuDecoder {
     fn submit_greedy_fed(
         &mut self,
         batch: &[SequenceStep<'_>],
-        feed: Option<&Feed<'_>>,
+        feed: Option<&Feed>,
     ) -> Result<PendingStep> {
         let seqs = batch.iter().map(|s| s.seq).collect();
         let state = match self.forward_fed(batch, Readback::Greedy, feed, true)? {
@@ -408,7 +435,7 @@ impl GpuDecoder {
         &mut self,
         batch: &[SequenceStep<'_>],
         readback: Readback<'_>,
-        feed: Option<&Feed<'_>>,
+        feed: Option<&Feed>,
         defer: bool,
     ) -> Result<Output> {
         if batch.is_empty() {
@@ -491,7 +518,7 @@ impl GpuDecoder {
         &mut self,
         batch: &[SequenceStep<'_>],
         readback: Readback<'_>,
-        feed: Option<&Feed<'_>>,
+        feed: Option<&Feed>,
         defer: bool,
     ) -> Result<Output> {
         let started = std::time::Instant::now();
@@ -869,25 +896,39 @@ impl Decoder for GpuDecoder {
         prev: &PendingStep,
         seqs: &[SequenceId],
     ) -> Result<PendingStep> {
-        let PendingState::Gpu(InFlight { ids: Some(ids), .. }) = prev.state() else {
+        let Some(feed) = Feed::after(prev, seqs)? else {
             // Known ids (or an empty step): the trait's way, feeding them from the host.
-            return default_submit_greedy_after(self, prev, seqs);
+            return default_submit_after(self, prev, seqs, |d, steps| d.submit_greedy(steps));
         };
-        let rows = seqs
-            .iter()
-            .map(|&s| prev.row_of(s).map(|r| r as u32))
-            .collect::<Result<Vec<_>>>()?;
-        // The tokens themselves come from `ids`; the steps say one token each.
-        let placeholder = [0u32];
-        let steps: Vec<_> = seqs
-            .iter()
-            .map(|&s| SequenceStep::last(s, &placeholder))
-            .collect();
-        let ids = ids.clone();
-        self.submit_greedy_fed(&steps, Some(&Feed { ids: &ids, rows }))
+        let steps = fed_steps(seqs);
+        self.submit_greedy_fed(&steps, Some(&feed))
     }
 
-    fn wait_greedy(&mut self, step: PendingStep) -> Result<Vec<u32>> {
+    fn submit_sample(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<PendingStep> {
+        self.sample_fed(batch, choices, None, true)
+    }
+
+    fn submit_sample_after(
+        &mut self,
+        prev: &PendingStep,
+        seqs: &[SequenceId],
+        choices: &mut [TokenChoice<'_>],
+    ) -> Result<PendingStep> {
+        check_chained_choices(seqs, choices)?;
+        let Some(feed) = Feed::after(prev, seqs)? else {
+            return default_submit_after(self, prev, seqs, |d, steps| {
+                d.submit_sample(steps, choices)
+            });
+        };
+        let steps = fed_steps(seqs);
+        self.sample_fed(&steps, choices, Some(&feed), true)
+    }
+
+    fn wait_step(&mut self, step: PendingStep) -> Result<Vec<u32>> {
         match step.into_state() {
             PendingState::Ready(ids) => Ok(ids),
             PendingState::Gpu(f) => {
@@ -898,7 +939,7 @@ impl Decoder for GpuDecoder {
         }
     }
 
-    fn pipelines_greedy(&self) -> bool {
+    fn pipelines_steps(&self) -> bool {
         true
     }
 

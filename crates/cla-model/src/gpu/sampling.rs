@@ -14,8 +14,10 @@
 //! A batch whose sequences sample with different settings, or settings the kernels refuse
 //! (a temperature whose reciprocal overflows), is sampled on the host from read-back logits.
 
-use super::{GpuDecoder, Output, Readback};
-use crate::decoder::{Decoder, SequenceStep, TokenChoice, check_choices, sample_on_host};
+use super::{Feed, GpuDecoder, Output, Readback};
+use crate::decoder::{
+    PendingState, PendingStep, SequenceStep, TokenChoice, check_choices, sample_on_host,
+};
 use crate::error::Result;
 use cla_kernels_wgpu::ops::sampling::{MAX_SAMPLE_VOCAB, SampleParams, uniform_words};
 use cla_kernels_wgpu::{GpuContext, GpuError, GpuTensor};
@@ -109,25 +111,43 @@ impl GpuDecoder {
         batch: &[SequenceStep<'_>],
         choices: &mut [TokenChoice<'_>],
     ) -> Result<Vec<u32>> {
+        self.sample_fed(batch, choices, None, false)?.into_ids()
+    }
+
+    /// A sampled step; `feed` and `defer` as in `GpuDecoder::run` (a step the kernels cannot
+    /// sample reads back its logits and is sampled on the host, never deferred).
+    pub(super) fn sample_fed(
+        &mut self,
+        batch: &[SequenceStep<'_>],
+        choices: &mut [TokenChoice<'_>],
+        feed: Option<&Feed>,
+        defer: bool,
+    ) -> Result<PendingStep> {
         check_choices(batch, choices)?;
+        let seqs = batch.iter().map(|s| s.seq).collect();
         if batch.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PendingStep::new(seqs, PendingState::Ready(Vec::new())));
         }
         let Some(plan) = GpuSampling::plan(choices, self.config.vocab_size) else {
-            let logits = self.forward(batch)?;
-            return Ok(sample_on_host(&logits, choices));
+            let logits = match self.forward_fed(batch, Readback::Logits, feed, false)? {
+                Output::Logits(l) => l,
+                Output::Ids(_) | Output::Pending(_) => {
+                    unreachable!("a logits read-back returns logits")
+                }
+            };
+            let ids = sample_on_host(&logits, choices);
+            return Ok(PendingStep::new(seqs, PendingState::Ready(ids)));
         };
-        let ids = match self.forward_with(batch, Readback::Sample(&plan))? {
-            Output::Ids(ids) => ids,
-            Output::Logits(_) | Output::Pending(_) => {
-                unreachable!("a sampling read-back returns ids")
-            }
+        let state = match self.forward_fed(batch, Readback::Sample(&plan), feed, defer)? {
+            Output::Ids(ids) => PendingState::Ready(ids),
+            Output::Pending(f) => PendingState::Gpu(f),
+            Output::Logits(_) => unreachable!("a sampling read-back returns ids"),
         };
         // The draws used the streams' next numbers: move past them, as the CPU would have.
         for c in choices.iter_mut() {
             c.sampler.skip_draw();
         }
-        Ok(ids)
+        Ok(PendingStep::new(seqs, state))
     }
 }
 

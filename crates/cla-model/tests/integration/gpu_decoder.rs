@@ -306,7 +306,7 @@ fn pipelined_greedy_steps_equal_host_fed_steps() {
     let w = random(&c, 11, false);
     let mut piped = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
     let mut fed = GpuDecoder::new(gpu_ctx(), &w, cache()).unwrap();
-    assert!(piped.pipelines_greedy());
+    assert!(piped.pipelines_steps());
     let prompts = [tokens(4, 6, 50), tokens(5, 3, 50), tokens(6, 9, 50)];
     let sp: Vec<_> = prompts.iter().map(|_| piped.add_sequence()).collect();
     let sf: Vec<_> = prompts.iter().map(|_| fed.add_sequence()).collect();
@@ -325,7 +325,7 @@ fn pipelined_greedy_steps_equal_host_fed_steps() {
         let next = piped
             .submit_greedy_after(&pending, &order.iter().map(|&i| sp[i]).collect::<Vec<_>>())
             .unwrap();
-        let got = piped.wait_greedy(pending).unwrap();
+        let got = piped.wait_step(pending).unwrap();
         assert_eq!(got, want, "step {step}");
         // The host-fed twin: each sequence's token from the previous step's row for it.
         let feed: Vec<[u32; 1]> = order
@@ -341,7 +341,7 @@ fn pipelined_greedy_steps_equal_host_fed_steps() {
         pending = next;
         prev_order = order;
     }
-    assert_eq!(piped.wait_greedy(pending).unwrap(), want, "last step");
+    assert_eq!(piped.wait_step(pending).unwrap(), want, "last step");
     for (a, b) in sp.iter().zip(&sf) {
         assert_eq!(
             piped.sequence_len(*a).unwrap(),
@@ -356,7 +356,7 @@ fn pipelined_greedy_steps_equal_host_fed_steps() {
     let err = piped.submit_greedy_after(&lone, &[sp[0]]).unwrap_err();
     assert!(matches!(err, ModelError::InvalidArgument { .. }), "{err}");
     assert_eq!(piped.sequence_len(sp[0]).unwrap(), len);
-    piped.wait_greedy(lone).unwrap();
+    piped.wait_step(lone).unwrap();
 }
 
 /// Generation on the GPU submits each step ahead of reading the previous one's tokens, so a

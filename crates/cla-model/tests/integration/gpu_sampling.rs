@@ -119,6 +119,76 @@ fn gpu_sampled_tokens_equal_host_sampled_tokens() {
     }
 }
 
+/// Sampled generation without a repetition penalty is pipelined on the GPU (each step
+/// submitted before the previous one's tokens are read back): a prompt that samples a stop
+/// token gives back the step already submitted for it. Same tokens, stop reasons and cache
+/// bytes (one position per block) as the twin that samples every step on the host, and a
+/// chained step that would need the penalty is refused.
+#[test]
+fn pipelined_sampling_stops_like_the_host_sampler() {
+    let w = weights();
+    let one_per_block = KvCacheConfig::new(256, KvDType::F32).with_block_size(1);
+    let mut gpu = GpuDecoder::new(gpu_ctx(), &w, one_per_block).unwrap();
+    let mut host = HostSampled(GpuDecoder::new(gpu_ctx(), &w, one_per_block).unwrap());
+    assert!(gpu.pipelines_steps() && !host.pipelines_steps());
+    let prompts = vec![vec![1, 17, 99, 250, 3], vec![1, 42], vec![1, 7, 7, 160, 12]];
+    let go_on = &mut |_: cla_model::TokenEvent<'_>| ControlFlow::Continue(());
+    let free_run = GenerationConfig {
+        max_new_tokens: 12,
+        stop_at_eos: false,
+        sampling: sampling(0.9, 40, 0.95, 1.0, 21),
+        ..GenerationConfig::default()
+    };
+    let plain = generate_ids(&mut host, None, &prompts, &free_run, go_on).unwrap();
+    let config = GenerationConfig {
+        stop_token_ids: vec![plain[0].ids[3], plain[2].ids[7]],
+        ..free_run
+    };
+    let a = generate_ids(&mut host, None, &prompts, &config, go_on).unwrap();
+    let b = generate_ids(&mut gpu, None, &prompts, &config, go_on).unwrap();
+    assert!(
+        a.iter()
+            .any(|g| matches!(g.stop_reason, cla_model::StopReason::StopToken(_))),
+        "a stop token must end a prompt"
+    );
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(a.ids, b.ids, "prompt {i}");
+        assert_eq!(a.stop_reason, b.stop_reason, "prompt {i}");
+        assert_eq!(a.kv_bytes, b.kv_bytes, "prompt {i}");
+    }
+    assert_eq!(gpu.kv_bytes_in_use(), 0);
+
+    // A chained step with the repetition penalty: a typed error, nothing changes.
+    let seq = gpu.add_sequence();
+    let mut sampler = Sampler::new(sampling(0.9, 40, 0.95, 1.0, 3), 0);
+    let history = vec![1u32, 5];
+    let first = gpu
+        .submit_sample(
+            &[SequenceStep::last(seq, &history)],
+            &mut [TokenChoice {
+                sampler: &mut sampler,
+                history: &history,
+            }],
+        )
+        .unwrap();
+    let len = gpu.sequence_len(seq).unwrap();
+    let mut penalised = Sampler::new(sampling(0.9, 40, 0.95, 1.3, 3), 0);
+    let err = gpu
+        .submit_sample_after(
+            &first,
+            &[seq],
+            &mut [TokenChoice {
+                sampler: &mut penalised,
+                history: &history,
+            }],
+        )
+        .unwrap_err();
+    assert!(matches!(err, ModelError::InvalidArgument { .. }), "{err}");
+    assert_eq!(gpu.sequence_len(seq).unwrap(), len);
+    gpu.wait_step(first).unwrap();
+    gpu.free_sequence(seq).unwrap();
+}
+
 #[test]
 fn a_trained_model_samples_the_same_text_on_the_gpu() {
     // The shipped CLA2 model: peaked distributions over 4096 tokens, as in real use.
