@@ -513,7 +513,8 @@ impl GpuDecoder {
 
     /// The forward pass proper; the caller has reserved the new positions in the cache.
     /// `feed`: take the input tokens from an earlier step's ids buffer instead of the steps'
-    /// `tokens` (one per step); `defer`: return a greedy step's ids still in flight.
+    /// `tokens` (one per step); `defer`: return the ids of a step that chooses its tokens on
+    /// the GPU (greedy or sampled) still in flight.
     fn run(
         &mut self,
         batch: &[SequenceStep<'_>],
