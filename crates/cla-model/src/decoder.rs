@@ -280,7 +280,9 @@ pub trait Decoder {
     }
 
     /// The ids of a step from the `submit_*` methods, per sequence in its order
-    /// ([`PendingStep::sequences`]); waits for the device if needed.
+    /// ([`PendingStep::sequences`]); waits for the device if needed. The step's positions
+    /// were committed at submission: after an error here (a device failure) free or truncate
+    /// its sequences.
     fn wait_step(&mut self, step: PendingStep) -> Result<Vec<u32>> {
         step.into_ids()
     }
