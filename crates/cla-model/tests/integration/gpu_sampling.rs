@@ -309,3 +309,49 @@ fn mixed_settings_in_one_batch_are_sampled_on_the_host_alike() {
     let next = |s: &[Sampler]| s.iter().map(Sampler::upcoming_uniform).collect::<Vec<_>>();
     assert_eq!(next(&gs), next(&hs));
 }
+
+/// A chained step whose settings the kernels do not sample in one batch (two settings):
+/// its tokens still come from the running step's ids on the GPU, its logits are read back and
+/// sampled on the host. Against the host-sampling twin fed the same tokens from the host.
+#[test]
+fn a_chained_step_with_mixed_settings_is_fed_from_the_gpu_and_sampled_on_the_host() {
+    let w = weights();
+    let (mut gpu, mut host) = twins(&w);
+    let same = sampling(0.9, 20, 1.0, 1.0, 7);
+    // The first step samples both sequences with one setting (on the GPU for `gpu`), the
+    // chained one with two.
+    let mut g0 = [Sampler::new(same.clone(), 1), Sampler::new(same.clone(), 2)];
+    let mut h0 = g0.clone();
+    let mut gs = [
+        Sampler::new(same.clone(), 3),
+        Sampler::new(sampling(1.2, 0, 0.8, 1.0, 8), 4),
+    ];
+    let mut hs = gs.clone();
+    let prompt = vec![1u32, 9, 4];
+    let histories = [prompt.clone(), prompt.clone()];
+    let (sg, sh) = (
+        [gpu.add_sequence(), gpu.add_sequence()],
+        [host.add_sequence(), host.add_sequence()],
+    );
+    let pending = gpu
+        .submit_sample(&step(&sg, &histories), &mut choices(&mut g0, &histories))
+        .unwrap();
+    let host_first = host
+        .forward_sample(&step(&sh, &histories), &mut choices(&mut h0, &histories))
+        .unwrap();
+    // Chained, in reversed order, with two settings.
+    let chained = gpu
+        .submit_sample_after(&pending, &[sg[1], sg[0]], &mut choices(&mut gs, &histories))
+        .unwrap();
+    assert_eq!(gpu.wait_step(pending).unwrap(), host_first);
+    let fed = [vec![host_first[1]], vec![host_first[0]]];
+    let host_next = host
+        .forward_sample(
+            &step(&[sh[1], sh[0]], &fed),
+            &mut choices(&mut hs, &histories),
+        )
+        .unwrap();
+    assert_eq!(gpu.wait_step(chained).unwrap(), host_next);
+    let next = |s: &[Sampler]| s.iter().map(Sampler::upcoming_uniform).collect::<Vec<_>>();
+    assert_eq!(next(&gs), next(&hs));
+}
