@@ -45,8 +45,25 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The cargo that runs xtask (or the one on the path).
+fn cargo_bin() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string())
+}
+
+/// Runs cargo at the workspace root with `env` added, its stderr shown and its stdout
+/// captured; the caller judges the exit status.
+fn cargo_captured(args: &[&str], env: &[(&str, &Path)]) -> Result<std::process::Output> {
+    Command::new(cargo_bin())
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(workspace_root())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("could not start cargo")
+}
+
 fn cargo(args: &[&str]) -> Result<()> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let cargo = cargo_bin();
     eprintln!("xtask: running cargo {}", args.join(" "));
     let status = Command::new(&cargo)
         .args(args)
@@ -82,7 +99,6 @@ fn test() -> Result<()> {
 /// Builds what `cargo test --workspace` runs and returns the example binaries that build
 /// produced, by name (from cargo's JSON messages).
 fn build_tests() -> Result<HashMap<String, PathBuf>> {
-    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
     let args = [
         "test",
         "--workspace",
@@ -90,12 +106,7 @@ fn build_tests() -> Result<HashMap<String, PathBuf>> {
         "--message-format=json-render-diagnostics",
     ];
     eprintln!("xtask: running cargo {}", args.join(" "));
-    let output = Command::new(&cargo_bin)
-        .args(args)
-        .current_dir(workspace_root())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("could not start cargo")?;
+    let output = cargo_captured(&args, &[])?;
     if !output.status.success() {
         bail!("`cargo {}` failed ({})", args.join(" "), output.status);
     }
@@ -221,14 +232,10 @@ fn conformance() -> Result<()> {
     // Conformance tests are `#[ignore]`d (a fresh clone has no shared directory) and carry
     // `conformance` in their name; run exactly those, with the same profile as
     // `cargo xtask test` so the build is reused.
-    let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let output = Command::new(&cargo_bin)
-        .args(["test", "--workspace", "--", "--ignored", "conformance"])
-        .env("CLA_SHARED_DIR", &shared)
-        .current_dir(workspace_root())
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("could not start cargo")?;
+    let output = cargo_captured(
+        &["test", "--workspace", "--", "--ignored", "conformance"],
+        &[("CLA_SHARED_DIR", &shared)],
+    )?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     print!("{stdout}");
     if !output.status.success() {

@@ -233,10 +233,7 @@ pub trait Decoder {
     /// device works. The cache changes as with `forward_greedy`, at once.
     fn submit_greedy(&mut self, batch: &[SequenceStep<'_>]) -> Result<PendingStep> {
         let ids = self.forward_greedy(batch)?;
-        Ok(PendingStep::new(
-            batch.iter().map(|s| s.seq).collect(),
-            PendingState::Ready(ids),
-        ))
+        Ok(PendingStep::new(batch, PendingState::Ready(ids)))
     }
 
     /// Starts a one-token greedy step for each of `seqs` (each one a sequence of `prev`, in
@@ -260,10 +257,7 @@ pub trait Decoder {
         choices: &mut [TokenChoice<'_>],
     ) -> Result<PendingStep> {
         let ids = self.forward_sample(batch, choices)?;
-        Ok(PendingStep::new(
-            batch.iter().map(|s| s.seq).collect(),
-            PendingState::Ready(ids),
-        ))
+        Ok(PendingStep::new(batch, PendingState::Ready(ids)))
     }
 
     /// [`Self::submit_greedy_after`] for any token choice: `choices[i]` picks the token of
@@ -329,8 +323,12 @@ pub(crate) enum PendingState {
 }
 
 impl PendingStep {
-    pub(crate) fn new(seqs: Vec<SequenceId>, state: PendingState) -> Self {
-        Self { seqs, state }
+    /// The pending step of `batch` (its sequences, in order) in `state`.
+    pub(crate) fn new(batch: &[SequenceStep<'_>], state: PendingState) -> Self {
+        Self {
+            seqs: batch.iter().map(|s| s.seq).collect(),
+            state,
+        }
     }
 
     /// The sequences of the step, in the order of its ids.

@@ -410,14 +410,13 @@ impl GpuDecoder {
         batch: &[SequenceStep<'_>],
         feed: Option<&Feed>,
     ) -> Result<PendingStep> {
-        let seqs = batch.iter().map(|s| s.seq).collect();
         let state = match self.forward_fed(batch, Readback::Greedy, feed, true)? {
             Output::Pending(f) => PendingState::Gpu(f),
             // (An empty batch.)
             Output::Ids(ids) => PendingState::Ready(ids),
             Output::Logits(_) => unreachable!("greedy read-back returns ids"),
         };
-        Ok(PendingStep::new(seqs, state))
+        Ok(PendingStep::new(batch, state))
     }
 
     /// Validate, reserve, run, then commit (or abort on any error).

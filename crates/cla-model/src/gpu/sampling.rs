@@ -124,9 +124,8 @@ impl GpuDecoder {
         defer: bool,
     ) -> Result<PendingStep> {
         check_choices(batch, choices)?;
-        let seqs = batch.iter().map(|s| s.seq).collect();
         if batch.is_empty() {
-            return Ok(PendingStep::new(seqs, PendingState::Ready(Vec::new())));
+            return Ok(PendingStep::new(batch, PendingState::Ready(Vec::new())));
         }
         let Some(plan) = GpuSampling::plan(choices, self.config.vocab_size) else {
             let logits = match self.forward_fed(batch, Readback::Logits, feed, false)? {
@@ -136,7 +135,7 @@ impl GpuDecoder {
                 }
             };
             let ids = sample_on_host(&logits, choices);
-            return Ok(PendingStep::new(seqs, PendingState::Ready(ids)));
+            return Ok(PendingStep::new(batch, PendingState::Ready(ids)));
         };
         let state = match self.forward_fed(batch, Readback::Sample(&plan), feed, defer)? {
             Output::Ids(ids) => PendingState::Ready(ids),
@@ -147,7 +146,7 @@ impl GpuDecoder {
         for c in choices.iter_mut() {
             c.sampler.skip_draw();
         }
-        Ok(PendingStep::new(seqs, state))
+        Ok(PendingStep::new(batch, state))
     }
 }
 
