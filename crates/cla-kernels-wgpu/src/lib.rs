@@ -49,6 +49,6 @@ pub use context::{
     AdapterFilter, AdapterSummary, CoopMatShape, DeviceSelector, FastPaths, GpuContext, GpuFeatures,
 };
 pub use error::{GpuError, Result};
-pub use paged::{KvPool, PagedKvLayout, SeqBatch, SeqDesc};
+pub use paged::{KvPool, PagedKvLayout, SeqBatch, SeqBatchBuffers, SeqDesc};
 pub use pipeline::{BindGroupCache, ElemStorage, PassBatch, PipelineKey};
-pub use tensor::{DType, GpuTensor};
+pub use tensor::{DType, GpuTensor, ReusableBuffer};

@@ -10,7 +10,7 @@
 
 use crate::context::GpuContext;
 use crate::error::{GpuError, Result, ensure_arg};
-use crate::tensor::{DType, GpuTensor};
+use crate::tensor::{DType, GpuTensor, ReusableBuffer};
 
 /// Shape and strides (in elements) of one layer's region of a paged pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,9 +152,33 @@ pub struct SeqBatch {
     pub max_kv_len: usize,
 }
 
-impl SeqBatch {
-    /// Validates `seqs` against `layout` and uploads the metadata, tables and slots.
-    pub fn upload(ctx: &GpuContext, seqs: &[SeqDesc<'_>], layout: &PagedKvLayout) -> Result<Self> {
+/// The buffers [`SeqBatch::upload_reusing`] writes a batch into, kept from step to step (see
+/// [`ReusableBuffer`] for when the values arrive).
+#[derive(Debug, Default)]
+pub struct SeqBatchBuffers {
+    meta: ReusableBuffer,
+    block_tables: ReusableBuffer,
+    slots: ReusableBuffer,
+}
+
+impl SeqBatchBuffers {
+    /// Empty buffers; the first upload creates them.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// A batch's metadata, tables and slots on the CPU, checked against the layout.
+struct Packed {
+    meta: Vec<u32>,
+    tables: Vec<u32>,
+    slots: Vec<u32>,
+    max_query: usize,
+    max_kv_len: usize,
+}
+
+impl Packed {
+    fn new(seqs: &[SeqDesc<'_>], layout: &PagedKvLayout) -> Result<Self> {
         layout.validate()?;
         ensure_arg!(!seqs.is_empty(), "seq batch: no sequences");
         let bs = layout.block_size as usize;
@@ -203,13 +227,136 @@ impl SeqBatch {
             tables.extend_from_slice(&s.block_table[..blocks]);
         }
         Ok(Self {
-            meta: ctx.upload_u32(&meta, &[seqs.len(), 4])?,
-            block_tables: ctx.upload_u32(&tables, &[tables.len()])?,
-            slots: ctx.upload_u32(&slots, &[slots.len()])?,
-            n_seqs: seqs.len(),
-            total_query: slots.len(),
+            meta,
+            tables,
+            slots,
             max_query: seqs.iter().map(|s| s.n_query).max().unwrap_or(0),
             max_kv_len: seqs.iter().map(|s| s.kv_len).max().unwrap_or(0),
         })
+    }
+
+    fn into_batch(
+        self,
+        mut upload: impl FnMut(&[u32], &[usize], Part) -> Result<GpuTensor>,
+    ) -> Result<SeqBatch> {
+        let n_seqs = self.meta.len() / 4;
+        Ok(SeqBatch {
+            meta: upload(&self.meta, &[n_seqs, 4], Part::Meta)?,
+            block_tables: upload(&self.tables, &[self.tables.len()], Part::Tables)?,
+            slots: upload(&self.slots, &[self.slots.len()], Part::Slots)?,
+            n_seqs,
+            total_query: self.slots.len(),
+            max_query: self.max_query,
+            max_kv_len: self.max_kv_len,
+        })
+    }
+}
+
+/// Which of a batch's three buffers an upload is for.
+#[derive(Clone, Copy)]
+enum Part {
+    Meta,
+    Tables,
+    Slots,
+}
+
+impl SeqBatch {
+    /// Validates `seqs` against `layout` and uploads the metadata, tables and slots into new
+    /// buffers.
+    pub fn upload(ctx: &GpuContext, seqs: &[SeqDesc<'_>], layout: &PagedKvLayout) -> Result<Self> {
+        Packed::new(seqs, layout)?.into_batch(|data, shape, _| ctx.upload_u32(data, shape))
+    }
+
+    /// [`SeqBatch::upload`] into `buffers`, which a decoder keeps from step to step: no
+    /// buffers are created once they are large enough, so the bind groups that use them can
+    /// be reused.
+    pub fn upload_reusing(
+        ctx: &GpuContext,
+        seqs: &[SeqDesc<'_>],
+        layout: &PagedKvLayout,
+        buffers: &mut SeqBatchBuffers,
+    ) -> Result<Self> {
+        Packed::new(seqs, layout)?.into_batch(|data, shape, part| {
+            let (slot, label) = match part {
+                Part::Meta => (&mut buffers.meta, "cla seq meta"),
+                Part::Tables => (&mut buffers.block_tables, "cla block tables"),
+                Part::Slots => (&mut buffers.slots, "cla kv slots"),
+            };
+            ctx.upload_u32_reusing(slot, data, shape, label)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::ctx;
+
+    /// A batch written into kept buffers holds what a freshly uploaded one holds, step after
+    /// step, with tables growing and shrinking.
+    #[test]
+    fn reused_batch_buffers_hold_what_an_upload_holds() {
+        let c = ctx();
+        let layout = PagedKvLayout::contiguous(64, 4, 2, 8);
+        let mut buffers = SeqBatchBuffers::new();
+        let table_a: Vec<u32> = (0..20).rev().collect();
+        let table_b: Vec<u32> = (20..40).collect();
+        let steps: [Vec<SeqDesc<'_>>; 3] = [
+            vec![SeqDesc {
+                n_query: 5,
+                kv_len: 5,
+                block_table: &table_a,
+            }],
+            vec![
+                SeqDesc {
+                    n_query: 1,
+                    kv_len: 6,
+                    block_table: &table_a,
+                },
+                SeqDesc {
+                    n_query: 3,
+                    kv_len: 70,
+                    block_table: &table_b,
+                },
+            ],
+            vec![SeqDesc {
+                n_query: 1,
+                kv_len: 2,
+                block_table: &table_b,
+            }],
+        ];
+        for seqs in &steps {
+            let fresh = SeqBatch::upload(c, seqs, &layout).unwrap();
+            let kept = SeqBatch::upload_reusing(c, seqs, &layout, &mut buffers).unwrap();
+            for (a, b) in [
+                (&fresh.meta, &kept.meta),
+                (&fresh.block_tables, &kept.block_tables),
+                (&fresh.slots, &kept.slots),
+            ] {
+                assert_eq!(a.shape, b.shape);
+                assert_eq!(c.read_u32(a).unwrap(), c.read_u32(b).unwrap());
+            }
+            assert_eq!(
+                (
+                    fresh.n_seqs,
+                    fresh.total_query,
+                    fresh.max_query,
+                    fresh.max_kv_len
+                ),
+                (
+                    kept.n_seqs,
+                    kept.total_query,
+                    kept.max_query,
+                    kept.max_kv_len
+                )
+            );
+        }
+        // Bad input is refused before anything is written.
+        let short = [SeqDesc {
+            n_query: 1,
+            kv_len: 90,
+            block_table: &table_a,
+        }];
+        assert!(SeqBatch::upload_reusing(c, &short, &layout, &mut buffers).is_err());
     }
 }

@@ -11,6 +11,7 @@
 //! wgpu reports in errors.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
@@ -135,6 +136,50 @@ pub(crate) fn with_f16_header(storages: &[ElemStorage], body: String) -> String 
     }
 }
 
+/// The caches below are looked up several times per dispatch (pipeline, parameter block,
+/// bind group) with keys that only this crate makes, so they need speed, not the standard
+/// hasher's resistance to chosen keys: a multiply-rotate hash over 64-bit words.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct WordHasher(u64);
+
+impl Hasher for WordHasher {
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits depending on the low bits only; the table picks
+        // buckets by the low bits, so fold the high half in.
+        self.0 ^ (self.0 >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut w = [0u8; 8];
+            w[..rest.len()].copy_from_slice(rest);
+            self.write_u64(u64::from_le_bytes(w) ^ ((rest.len() as u64) << 56));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // An odd constant with well-spread bits (the golden ratio's fraction): each word is
+        // mixed into the state by a rotate, a xor and a multiply.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// A hash map with [`WordHasher`].
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<WordHasher>>;
+
 /// Identifies one pipeline variant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PipelineKey {
@@ -181,9 +226,9 @@ pub(crate) struct Kernel {
 /// Lazily filled map from key to pipeline.
 #[derive(Default)]
 pub(crate) struct PipelineCache {
-    map: Mutex<HashMap<PipelineKey, Arc<Kernel>>>,
+    map: Mutex<FastMap<PipelineKey, Arc<Kernel>>>,
     /// Uniform buffers by (padded) content; see [`GpuContext::uniform`].
-    uniforms: Mutex<HashMap<Vec<u32>, wgpu::Buffer>>,
+    uniforms: Mutex<FastMap<Vec<u32>, wgpu::Buffer>>,
     /// Nanoseconds spent building pipelines (source, naga, driver), for
     /// [`GpuContext::kernel_build_time`].
     build_nanos: std::sync::atomic::AtomicU64,
@@ -203,7 +248,7 @@ const BIND_GROUP_CACHE_MAX: usize = 4096;
 /// a few dozen steps later.
 #[derive(Default)]
 pub struct BindGroupCache {
-    map: Mutex<HashMap<BindKey, wgpu::BindGroup>>,
+    map: Mutex<FastMap<BindKey, wgpu::BindGroup>>,
 }
 
 impl BindGroupCache {

@@ -79,6 +79,33 @@ impl GpuTensor {
     }
 }
 
+/// A buffer kept from call to call for small inputs that change every call (token ids,
+/// positions, block tables): [`GpuContext::upload_u32_reusing`] writes the new values into it
+/// through the queue instead of creating a buffer, so bind groups made with it stay valid
+/// and a decode step allocates nothing. It grows (to the next power of two) when the values
+/// do not fit, and then holds a new buffer.
+///
+/// The values reach the buffer when the queue next submits, after all work submitted
+/// before: a step that is still running keeps reading the old values. Use what one write
+/// returns in commands submitted after it, and write a buffer at most once per submission
+/// (a second write before the submit replaces the first for both readers).
+#[derive(Debug, Default)]
+pub struct ReusableBuffer {
+    buffer: Option<wgpu::Buffer>,
+}
+
+impl ReusableBuffer {
+    /// An empty slot; the first write creates its buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes the current buffer holds (0 before the first write).
+    pub fn capacity(&self) -> u64 {
+        self.buffer.as_ref().map_or(0, wgpu::Buffer::size)
+    }
+}
+
 fn checked_numel(shape: &[usize]) -> Result<usize> {
     shape
         .iter()
@@ -169,6 +196,67 @@ impl GpuContext {
         self.upload_bytes(bytemuck::cast_slice(data), shape, DType::U32)
     }
 
+    /// A tensor of `shape` in `slot`'s buffer (grown when too small); its contents are what
+    /// was last written there (zeros in a new buffer). For a destination that every call
+    /// fills on the GPU (e.g. by a copy), without a buffer per call.
+    pub fn tensor_reusing(
+        &self,
+        slot: &mut ReusableBuffer,
+        shape: &[usize],
+        dtype: DType,
+        label: &str,
+    ) -> Result<GpuTensor> {
+        let bytes = padded(checked_numel(shape)? * dtype.size());
+        self.check_size(bytes)?;
+        let buffer = match &slot.buffer {
+            Some(b) if b.size() >= bytes => b.clone(),
+            _ => {
+                // Powers of two from 256 bytes: a growing input is reallocated a few times
+                // only. (Capped at the adapter's maximum, which `bytes` is within.)
+                let max = self.features().max_buffer_size;
+                let size = bytes.max(256).next_power_of_two().min(max).max(bytes);
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(label),
+                    size,
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                slot.buffer = Some(b.clone());
+                b
+            }
+        };
+        Ok(GpuTensor {
+            buffer,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    /// Writes u32 values into `slot`'s buffer through the queue (see [`ReusableBuffer`] for
+    /// when they arrive) and returns them as a tensor of `shape`.
+    pub fn upload_u32_reusing(
+        &self,
+        slot: &mut ReusableBuffer,
+        data: &[u32],
+        shape: &[usize],
+        label: &str,
+    ) -> Result<GpuTensor> {
+        let numel = checked_numel(shape)?;
+        ensure_arg!(
+            numel == data.len(),
+            "{} values given for shape {shape:?} ({numel} elements)",
+            data.len()
+        );
+        let t = self.tensor_reusing(slot, shape, DType::U32, label)?;
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        }
+        Ok(t)
+    }
+
     /// Overwrites a tensor's contents through the queue (ordered before later submits).
     pub fn write_tensor<T: bytemuck::Pod>(&self, t: &GpuTensor, data: &[T]) -> Result<()> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
@@ -247,5 +335,50 @@ impl GpuContext {
         );
         let bytes = self.read_bytes(&t.buffer)?;
         Ok(bytemuck::cast_slice::<u8, u32>(&bytes[..t.numel() * 4]).to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{POISON, ctx};
+
+    /// Each use of a reusable buffer reads the values written for it, also when the next
+    /// values are written (and the buffer grown) before the earlier work has run.
+    #[test]
+    fn reused_input_buffers_keep_each_submission_its_values() {
+        let c = ctx();
+        let mut slot = ReusableBuffer::new();
+        let inputs: [Vec<u32>; 4] = [
+            (1..=10).collect(),
+            (100..106).collect(),
+            (1000..1300).collect(),
+            vec![7],
+        ];
+        let mut outs = Vec::new();
+        let mut capacities = Vec::new();
+        for data in &inputs {
+            let t = c
+                .upload_u32_reusing(&mut slot, data, &[data.len()], "test input")
+                .unwrap();
+            capacities.push(slot.capacity());
+            let out = c.create_tensor(&[data.len()], DType::U32, "out").unwrap();
+            c.fill_u32_pattern(&out, POISON);
+            let mut enc = c.encoder();
+            c.copy_tensor(&mut enc, &t, &out).unwrap();
+            // Submitted, not waited for: the next write is queued behind it.
+            c.queue().submit([enc.finish()]);
+            outs.push(out);
+        }
+        for (data, out) in inputs.iter().zip(&outs) {
+            assert_eq!(&c.read_u32(out).unwrap(), data);
+        }
+        // 40 bytes -> 256; 24 fit; 1200 -> 2048; 4 fit.
+        assert_eq!(capacities, [256, 256, 2048, 2048]);
+        // A wrong count is a typed error, not a write.
+        assert!(matches!(
+            c.upload_u32_reusing(&mut slot, &[1, 2, 3], &[2], "test input"),
+            Err(GpuError::InvalidArgument(_))
+        ));
     }
 }

@@ -34,7 +34,9 @@ use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
 use cla_core::ModelConfig;
 use cla_kernels_wgpu::ops::matmul::ProjInput;
-use cla_kernels_wgpu::{DType, GpuContext, GpuError, GpuTensor, SeqBatch, SeqDesc};
+use cla_kernels_wgpu::{
+    DType, GpuContext, GpuError, GpuTensor, ReusableBuffer, SeqBatch, SeqBatchBuffers, SeqDesc,
+};
 use cla_kv::{KvCacheConfig, KvLayout, KvShape, PagedKvCache};
 use ndarray::Array2;
 use std::fmt;
@@ -71,6 +73,20 @@ impl Default for GpuDecoderOptions {
 /// A GPU error as this crate's error.
 pub(crate) fn gpu_error(e: GpuError) -> ModelError {
     ModelError::Gpu(e)
+}
+
+/// The buffers a step's small inputs are written into (token ids, positions, the batch's
+/// block tables; for the kept rows too), kept from step to step so that a decode step creates
+/// no buffers and finds the bind groups of the step before (the uploads reach the buffers
+/// after the running step is done with them: queue order).
+#[derive(Default)]
+struct StepInputs {
+    ids: ReusableBuffer,
+    pos: ReusableBuffer,
+    batch: SeqBatchBuffers,
+    kept_rows: ReusableBuffer,
+    kept_pos: ReusableBuffer,
+    kept_batch: SeqBatchBuffers,
 }
 
 /// Activation buffers, grown to the largest number of rows a step has needed; each step
@@ -272,6 +288,8 @@ pub struct GpuDecoder {
     /// Bind groups of the steps' dispatches. They keep their buffers alive, so the cache is
     /// cleared before `work` or `logits` is replaced.
     bind_groups: Arc<cla_kernels_wgpu::BindGroupCache>,
+    /// Buffers of each step's small inputs, written anew every step.
+    inputs: StepInputs,
     /// Host time of the last forward pass.
     timing: StepTiming,
 }
@@ -350,6 +368,7 @@ impl GpuDecoder {
             work: None,
             logits: None,
             next_ids: None,
+            inputs: StepInputs::default(),
             bind_groups: Arc::default(),
             timing: StepTiming::default(),
         })
@@ -568,23 +587,29 @@ impl GpuDecoder {
                 })
                 .collect()
         };
-        let all_batch = SeqBatch::upload(&ctx, &descs(None), &layout).map_err(g)?;
+        let inp = &mut self.inputs;
+        let all_batch =
+            SeqBatch::upload_reusing(&ctx, &descs(None), &layout, &mut inp.batch).map_err(g)?;
         let kept_batch = if reduce {
-            Some(SeqBatch::upload(&ctx, &descs(Some(&kept_per_step)), &layout).map_err(g)?)
+            let d = descs(Some(&kept_per_step));
+            Some(SeqBatch::upload_reusing(&ctx, &d, &layout, &mut inp.kept_batch).map_err(g)?)
         } else {
             None
         };
         let ids_t = match feed {
-            None => ctx.upload_u32(&ids, &[rows]).map_err(g)?,
-            Some(_) => ctx
-                .create_tensor(&[rows], DType::U32, "fed ids")
-                .map_err(g)?,
-        };
-        let pos_t = ctx.upload_u32(&pos, &[rows]).map_err(g)?;
+            None => ctx.upload_u32_reusing(&mut inp.ids, &ids, &[rows], "cla step ids"),
+            Some(_) => ctx.tensor_reusing(&mut inp.ids, &[rows], DType::U32, "cla step ids"),
+        }
+        .map_err(g)?;
+        let pos_t = ctx
+            .upload_u32_reusing(&mut inp.pos, &pos, &[rows], "cla step positions")
+            .map_err(g)?;
         let kept_t = if reduce {
             Some((
-                ctx.upload_u32(&kept_rows, &[kept]).map_err(g)?,
-                ctx.upload_u32(&kept_pos, &[kept]).map_err(g)?,
+                ctx.upload_u32_reusing(&mut inp.kept_rows, &kept_rows, &[kept], "cla kept rows")
+                    .map_err(g)?,
+                ctx.upload_u32_reusing(&mut inp.kept_pos, &kept_pos, &[kept], "cla kept positions")
+                    .map_err(g)?,
             ))
         } else {
             None
