@@ -8,10 +8,12 @@
 use crate::context::GpuContext;
 use crate::error::{Result, ensure_arg};
 use crate::ops::{expect, u32_of};
-use crate::pipeline::{Bind, PipelineKey, whole};
+use crate::pipeline::{Bind, PipelineKey, render, whole};
 use crate::tensor::{DType, GpuTensor};
 
 const SRC: &str = include_str!("../shaders/rope.wgsl");
+/// The angle reduction and (cos, sin) of one dim pair, shared with `rope_append.wgsl`.
+pub(crate) const COMMON_SRC: &str = include_str!("../shaders/rope_common.wgsl");
 const WG: u64 = 256;
 
 /// `theta^(-2i/head_dim)` for `i < head_dim/2`, rounded once to f32.
@@ -66,7 +68,7 @@ impl GpuContext {
         let kernel = self.kernel(
             key,
             &[Bind::Uniform, Bind::ReadWrite, Bind::Read, Bind::Read],
-            |_| Ok(SRC.to_owned()),
+            |name| render(name, SRC, &[("ROPE_COMMON", COMMON_SRC.to_owned())]),
         )?;
         let params = self.uniform(&[
             u32_of("n_tokens", n_tokens)?,

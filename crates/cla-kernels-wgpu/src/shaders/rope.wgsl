@@ -1,9 +1,8 @@
 // Rotary position embedding, Hugging Face "rotate_half" convention, in place on
 // x[token, head, 0..head_dim]: dims i and i + head_dim/2 form a pair rotated by
-// angle = position[token] * inv_freq[i].
-//
-// The angle is reduced to [-pi, pi] with a two-part 2*pi (Cody-Waite) before cos/sin: GPU
-// sin/cos are only accurate in that range, and RoPE angles reach the context length.
+// angle = position[token] * inv_freq[i] (ROPE_COMMON: rope_common.wgsl).
+
+{{ROPE_COMMON}}
 
 struct Params {
     n_tokens: u32,
@@ -18,10 +17,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
 
 const WG: u32 = 256u;
-// 2*pi = TWO_PI_HI + TWO_PI_LO; TWO_PI_HI has 8 significant bits so k * TWO_PI_HI is exact.
-const TWO_PI_HI: f32 = 6.28125;
-const TWO_PI_LO: f32 = 1.9353071795864769e-3;
-const INV_TWO_PI: f32 = 0.15915494309189535;
 
 @compute @workgroup_size(WG)
 fn main(
@@ -37,14 +32,10 @@ fn main(
     let j = i % half_dim;
     let row = i / half_dim; // token * n_heads + head
     let t = row / p.n_heads;
-    let angle = f32(positions[t]) * inv_freq[j];
-    let k = round(angle * INV_TWO_PI);
-    let r = (angle - k * TWO_PI_HI) - k * TWO_PI_LO;
-    let c = cos(r);
-    let s = sin(r);
+    let cs = rope_cos_sin(positions[t], inv_freq[j]);
     let base = row * p.head_dim;
     let x1 = x[base + j];
     let x2 = x[base + j + half_dim];
-    x[base + j] = x1 * c - x2 * s;
-    x[base + j + half_dim] = x2 * c + x1 * s;
+    x[base + j] = x1 * cs.x - x2 * cs.y;
+    x[base + j + half_dim] = x2 * cs.x + x1 * cs.y;
 }

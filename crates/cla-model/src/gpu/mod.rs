@@ -33,6 +33,7 @@ use crate::decoder::{
 use crate::error::{ModelError, Result};
 use crate::weights::{ModelWeights, RandomWeightsOptions};
 use cla_core::ModelConfig;
+use cla_kernels_wgpu::ops::kv_append::QkvRows;
 use cla_kernels_wgpu::ops::matmul::ProjInput;
 use cla_kernels_wgpu::{
     DType, GpuContext, GpuError, GpuTensor, ReusableBuffer, SeqBatch, SeqBatchBuffers, SeqDesc,
@@ -41,7 +42,7 @@ use cla_kv::{KvCacheConfig, KvLayout, KvShape, PagedKvCache};
 use ndarray::Array2;
 use std::fmt;
 use std::sync::Arc;
-use weights::{GpuLayer, GpuWeights, RandomSource, WeightSource};
+use weights::{GpuLayer, GpuWeights, Projection, RandomSource, WeightSource};
 
 /// Switches of [`GpuDecoder`]. The defaults are exact f32 and the consumer-tail skip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,8 +99,10 @@ struct Workspace {
     h: GpuTensor,
     hk: GpuTensor,
     q: GpuTensor,
-    k: GpuTensor,
-    v: GpuTensor,
+    /// A producer's projection rows: [Q | K | V], or Q alone when K/V have their own norm.
+    qkv: GpuTensor,
+    /// K and V rows of a producer with its own K/V norm.
+    kv: GpuTensor,
     attn: GpuTensor,
     tmp: GpuTensor,
     gate: GpuTensor,
@@ -118,8 +121,8 @@ impl Workspace {
             h: t(hid, "normed")?,
             hk: t(hid, "kv normed")?,
             q: t(c.q_width(), "q")?,
-            k: t(c.kv_width(), "k")?,
-            v: t(c.kv_width(), "v")?,
+            qkv: t(c.q_width() + 2 * c.kv_width(), "qkv")?,
+            kv: t(2 * c.kv_width(), "kv")?,
             attn: t(c.q_width(), "attention")?,
             tmp: t(hid, "projection")?,
             gate: t(inter, "gate")?,
@@ -776,27 +779,47 @@ impl GpuDecoder {
         let x = &cur.x;
 
         // At decode sizes every RMSNorm runs inside the projections that read it.
-        let fuse = ctx.linear_fuses(n, &w.q_proj);
+        let fuse = ctx.linear_fuses(n, w.proj.first());
         let h = view(&ws.h, &[n, hid]);
         let input = norm_input(ctx, enc, fuse, x, &w.input_norm, eps, &h)?;
+        // The queries, rotated, end in `q`; a producer's rotated keys and its values go into
+        // its slot of the pool in the same dispatch (`rope_append`), read from the rows its
+        // stacked projection wrote.
         let q = view(&ws.q, &[n, heads, d]);
-        ctx.linear_from(enc, input, &w.q_proj, &view(&q, &[n, heads * d]))?;
-        ctx.rope(enc, &q, cur.pos, &self.inv_freq)?;
-
         let pool = self.cache.storage().pool(c.kv_sharing.slot_of(layer));
-        if let Some(kv) = &w.kv {
-            // CLA producer: this layer's keys and values go into its slot of the pool.
-            let hk = view(&ws.hk, &[n, hid]);
-            let kv_input = match &kv.kv_norm {
-                Some(scale) => norm_input(ctx, enc, fuse, x, scale, eps, &hk)?,
-                None => input,
+        let (qw, kvw) = (heads * d, kv_heads * d);
+        let src = match &w.proj {
+            Projection::Q(wq) => {
+                ctx.linear_from(enc, input, wq, &view(&q, &[n, qw]))?;
+                ctx.rope(enc, &q, cur.pos, &self.inv_freq)?;
+                None
+            }
+            Projection::Qkv(wqkv) => {
+                let rows = view(&ws.qkv, &[n, qw + 2 * kvw]);
+                ctx.linear_from(enc, input, wqkv, &rows)?;
+                Some((rows.clone(), rows, qw, qw + kvw))
+            }
+            Projection::QAndKv { q: wq, kv_norm, kv } => {
+                let q_rows = view(&ws.qkv, &[n, qw]);
+                ctx.linear_from(enc, input, wq, &q_rows)?;
+                let hk = view(&ws.hk, &[n, hid]);
+                let kv_input = norm_input(ctx, enc, fuse, x, kv_norm, eps, &hk)?;
+                let kv_rows = view(&ws.kv, &[n, 2 * kvw]);
+                ctx.linear_from(enc, kv_input, kv, &kv_rows)?;
+                Some((q_rows, kv_rows, 0, kvw))
+            }
+        };
+        // (Queries from column 0 of their rows, keys and values from their columns.)
+        if let Some((q_rows, kv_rows, k_col, v_col)) = &src {
+            let rows = QkvRows {
+                q: q_rows,
+                q_col: 0,
+                kv: kv_rows,
+                k_col: *k_col,
+                v_col: *v_col,
             };
-            let k = view(&ws.k, &[n, kv_heads, d]);
-            let v = view(&ws.v, &[n, kv_heads, d]);
-            ctx.linear_from(enc, kv_input, &kv.k_proj, &view(&k, &[n, kv_heads * d]))?;
-            ctx.rope(enc, &k, cur.pos, &self.inv_freq)?;
-            ctx.linear_from(enc, kv_input, &kv.v_proj, &view(&v, &[n, kv_heads * d]))?;
-            ctx.kv_append(enc, &k, &v, &cur.batch.slots, &pool)?;
+            let (pos, slots) = (cur.pos, &cur.batch.slots);
+            ctx.rope_append(enc, rows, pos, &self.inv_freq, slots, &pool, &q)?;
         }
 
         // Attention over the producer's slot (this layer's own for a producer).

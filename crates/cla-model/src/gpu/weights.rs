@@ -145,20 +145,39 @@ impl WeightSource for RandomSource {
     }
 }
 
-/// The K/V side of a producer layer.
+/// A layer's projections of its input to queries (and, for a producer, keys and values).
+/// A producer's are stacked into as few matrices as its norms allow, so that one
+/// matrix-vector dispatch computes them and `rope_append` reads them in place.
 #[derive(Debug)]
-pub(crate) struct GpuKvProjection {
-    pub(crate) kv_norm: Option<GpuTensor>,
-    pub(crate) k_proj: GpuTensor,
-    pub(crate) v_proj: GpuTensor,
+pub(crate) enum Projection {
+    /// A consumer: `[q_width, h]`.
+    Q(GpuTensor),
+    /// A producer whose K/V read the input norm's output, like its queries: Q, K and V
+    /// stacked, `[q_width + 2 kv_width, h]`.
+    Qkv(GpuTensor),
+    /// A producer with its own K/V input norm: `q` `[q_width, h]`, and K over V in `kv`
+    /// `[2 kv_width, h]`.
+    QAndKv {
+        q: GpuTensor,
+        kv_norm: GpuTensor,
+        kv: GpuTensor,
+    },
+}
+
+impl Projection {
+    /// The matrix that reads the input norm's output (whose shape decides fusing).
+    pub(crate) fn first(&self) -> &GpuTensor {
+        match self {
+            Projection::Q(w) | Projection::Qkv(w) | Projection::QAndKv { q: w, .. } => w,
+        }
+    }
 }
 
 /// One decoder layer on the GPU.
 #[derive(Debug)]
 pub(crate) struct GpuLayer {
     pub(crate) input_norm: GpuTensor,
-    pub(crate) q_proj: GpuTensor,
-    pub(crate) kv: Option<GpuKvProjection>,
+    pub(crate) proj: Projection,
     pub(crate) o_proj: GpuTensor,
     pub(crate) post_attention_norm: GpuTensor,
     pub(crate) gate_proj: GpuTensor,
@@ -191,28 +210,52 @@ impl GpuWeights {
         source: &mut dyn WeightSource,
     ) -> Result<Self, GpuError> {
         let h = config.hidden_size;
-        let mut bytes = 0u64;
-        let mut put = |source: &mut dyn WeightSource,
-                       t: Tensor,
-                       shape: &[usize]|
-         -> Result<Option<GpuTensor>, GpuError> {
-            let len = shape.iter().product();
-            let Some(values) = source.tensor(t, len) else {
-                return Ok(None);
+        let bytes = std::cell::Cell::new(0u64);
+        // Vectors (norm scales) stay f32; matrices take the chosen dtype.
+        let upload = |values: &[f32], shape: &[usize]| -> Result<GpuTensor, GpuError> {
+            let tensor = if shape.len() == 2 && dtype == GpuWeightDType::F16 {
+                ctx.upload_f32_as_f16(values, shape)?
+            } else {
+                ctx.upload_f32(values, shape)?
             };
-            if values.len() != len {
+            bytes.set(bytes.get() + tensor.byte_len() as u64);
+            Ok(tensor)
+        };
+        let checked = |t: Tensor, values: &[f32], shape: &[usize]| -> Result<(), GpuError> {
+            if values.len() != shape.iter().product::<usize>() {
                 return Err(GpuError::InvalidArgument(format!(
                     "weight {t:?}: {} values for shape {shape:?}",
                     values.len()
                 )));
             }
-            let tensor = if shape.len() == 2 && dtype == GpuWeightDType::F16 {
-                ctx.upload_f32_as_f16(&values, shape)?
-            } else {
-                ctx.upload_f32(&values, shape)?
+            Ok(())
+        };
+        let put = |source: &mut dyn WeightSource,
+                   t: Tensor,
+                   shape: &[usize]|
+         -> Result<Option<GpuTensor>, GpuError> {
+            let Some(values) = source.tensor(t, shape.iter().product()) else {
+                return Ok(None);
             };
-            bytes += tensor.byte_len() as u64;
-            Ok(Some(tensor))
+            checked(t, &values, shape)?;
+            upload(&values, shape).map(Some)
+        };
+        // Matrices of `width` columns and the given rows, stacked in order into one.
+        let put_stacked = |source: &mut dyn WeightSource,
+                           parts: &[(Tensor, usize)],
+                           width: usize|
+         -> Result<GpuTensor, GpuError> {
+            let rows: usize = parts.iter().map(|p| p.1).sum();
+            let mut stacked = Vec::with_capacity(rows * width);
+            for &(t, part_rows) in parts {
+                let shape = [part_rows, width];
+                let values = source
+                    .tensor(t, part_rows * width)
+                    .ok_or_else(|| GpuError::InvalidArgument(format!("weight {t:?} is missing")))?;
+                checked(t, &values, &shape)?;
+                stacked.extend_from_slice(&values);
+            }
+            upload(&stacked, &[rows, width])
         };
         let need = |t: Tensor, found: Option<GpuTensor>| {
             found.ok_or_else(|| GpuError::InvalidArgument(format!("weight {t:?} is missing")))
@@ -230,25 +273,32 @@ impl GpuWeights {
             } else {
                 None
             };
-            let mut req = |t: Tensor, shape: &[usize]| need(t, put(source, t, shape)?);
-            let kv = if producer {
-                Some(GpuKvProjection {
+            let (qw, kvw) = (config.q_width(), config.kv_width());
+            let proj = match (producer, kv_norm) {
+                (false, _) => {
+                    Projection::Q(need(Tensor::Q(l), put(source, Tensor::Q(l), &[qw, h])?)?)
+                }
+                (true, None) => {
+                    let parts = [(Tensor::Q(l), qw), (Tensor::K(l), kvw), (Tensor::V(l), kvw)];
+                    Projection::Qkv(put_stacked(source, &parts, h)?)
+                }
+                (true, Some(kv_norm)) => Projection::QAndKv {
+                    q: need(Tensor::Q(l), put(source, Tensor::Q(l), &[qw, h])?)?,
                     kv_norm,
-                    k_proj: req(Tensor::K(l), &[config.kv_width(), h])?,
-                    v_proj: req(Tensor::V(l), &[config.kv_width(), h])?,
-                })
-            } else {
-                None
+                    kv: put_stacked(source, &[(Tensor::K(l), kvw), (Tensor::V(l), kvw)], h)?,
+                },
+            };
+            let req = |source: &mut dyn WeightSource, t: Tensor, shape: &[usize]| {
+                need(t, put(source, t, shape)?)
             };
             layers.push(GpuLayer {
-                input_norm: req(Tensor::InputNorm(l), &[h])?,
-                q_proj: req(Tensor::Q(l), &[config.q_width(), h])?,
-                kv,
-                o_proj: req(Tensor::O(l), &[h, config.q_width()])?,
-                post_attention_norm: req(Tensor::PostNorm(l), &[h])?,
-                gate_proj: req(Tensor::Gate(l), &[config.intermediate_size, h])?,
-                up_proj: req(Tensor::Up(l), &[config.intermediate_size, h])?,
-                down_proj: req(Tensor::Down(l), &[h, config.intermediate_size])?,
+                input_norm: req(source, Tensor::InputNorm(l), &[h])?,
+                proj,
+                o_proj: req(source, Tensor::O(l), &[h, config.q_width()])?,
+                post_attention_norm: req(source, Tensor::PostNorm(l), &[h])?,
+                gate_proj: req(source, Tensor::Gate(l), &[config.intermediate_size, h])?,
+                up_proj: req(source, Tensor::Up(l), &[config.intermediate_size, h])?,
+                down_proj: req(source, Tensor::Down(l), &[h, config.intermediate_size])?,
             });
         }
         // A tensor present despite `tie_word_embeddings` wins, as on the CPU.
@@ -261,7 +311,7 @@ impl GpuWeights {
             layers,
             final_norm,
             lm_head,
-            bytes,
+            bytes: bytes.get(),
         })
     }
 }
