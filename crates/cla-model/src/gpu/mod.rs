@@ -19,6 +19,7 @@
 //!   rows are reduced the same way in any case.
 
 mod sampling;
+use sampling::SampleInputs;
 mod storage;
 mod weights;
 
@@ -88,6 +89,7 @@ struct StepInputs {
     kept_rows: ReusableBuffer,
     kept_pos: ReusableBuffer,
     kept_batch: SeqBatchBuffers,
+    sampling: SampleInputs,
 }
 
 /// Activation buffers, grown to the largest number of rows a step has needed; each step
@@ -739,7 +741,9 @@ impl GpuDecoder {
                 // One kept row per step here.
                 let ids_out = ids_out.expect("made above for these read-backs");
                 match readback {
-                    Readback::Sample(s) => s.record(&ctx, &mut enc, &logits, &ids_out),
+                    Readback::Sample(s) => {
+                        s.record(&ctx, &mut enc, &logits, &ids_out, &mut self.inputs.sampling)
+                    }
                     _ => ctx.argmax(&mut enc, &logits, &ids_out),
                 }
                 .map_err(g)?;

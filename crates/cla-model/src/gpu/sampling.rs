@@ -20,7 +20,7 @@ use crate::decoder::{
 };
 use crate::error::Result;
 use cla_kernels_wgpu::ops::sampling::{MAX_SAMPLE_VOCAB, SampleParams, uniform_words};
-use cla_kernels_wgpu::{GpuContext, GpuError, GpuTensor};
+use cla_kernels_wgpu::{GpuContext, GpuError, GpuTensor, ReusableBuffer};
 
 /// What a step records after the LM head to pick its tokens (one logits row per step).
 #[derive(Debug)]
@@ -80,28 +80,42 @@ impl GpuSampling {
         Some(Self { penalty, draw })
     }
 
-    /// Records the token choice of each row of `logits` into `out` (`[rows]` u32).
+    /// Records the token choice of each row of `logits` into `out` (`[rows]` u32), its
+    /// inputs written into `bufs`.
     pub(super) fn record(
         &self,
         ctx: &GpuContext,
         enc: &mut wgpu::CommandEncoder,
         logits: &GpuTensor,
         out: &GpuTensor,
+        bufs: &mut SampleInputs,
     ) -> std::result::Result<(), GpuError> {
         if let Some((penalty, pairs)) = &self.penalty
             && !pairs.is_empty()
         {
-            let pairs = ctx.upload_u32(pairs, &[pairs.len() / 2, 2])?;
+            let shape = [pairs.len() / 2, 2];
+            let pairs = ctx.upload_u32_reusing(&mut bufs.pairs, pairs, &shape, "cla penalty")?;
             ctx.repetition_penalty(enc, logits, &pairs, *penalty)?;
         }
         match &self.draw {
             Some((params, words)) => {
-                let uniforms = ctx.upload_u32(words, &[words.len() / 2, 2])?;
+                let shape = [words.len() / 2, 2];
+                let uniforms =
+                    ctx.upload_u32_reusing(&mut bufs.uniforms, words, &shape, "cla uniforms")?;
                 ctx.sample(enc, logits, &uniforms, params, out)
             }
             None => ctx.argmax(enc, logits, out),
         }
     }
+}
+
+/// The buffers a step's token choice writes its inputs into (the repetition penalty's
+/// token pairs, the draws' uniform numbers), kept from step to step like the decoder's other
+/// step inputs.
+#[derive(Default)]
+pub(super) struct SampleInputs {
+    pairs: ReusableBuffer,
+    uniforms: ReusableBuffer,
 }
 
 impl GpuDecoder {
