@@ -36,7 +36,53 @@ pub struct QkvRows<'a> {
 }
 const WG: u64 = 256;
 
+/// A pool bound for a kernel that writes two neighbouring dims at a time (one packed-f16
+/// word): its element storages, the K and V windows, and the parameter words that place a
+/// token's row (block size, block count, the two bases in the windows, the strides).
+struct PairedPool<'a> {
+    sk: ElemStorage,
+    sv: ElemStorage,
+    k: wgpu::BindingResource<'a>,
+    v: wgpu::BindingResource<'a>,
+    words: [u32; 7],
+}
+
 impl GpuContext {
+    /// Binds `pool` for `what`; packed f16 (adapters without SHADER_F16) needs even bases
+    /// and strides.
+    fn paired_pool<'a>(&self, what: &str, pool: &KvPool<'a>) -> Result<PairedPool<'a>> {
+        let l = pool.layout;
+        let sk = self.elem_storage(pool.k.dtype)?;
+        let sv = self.elem_storage(pool.v.dtype)?;
+        let ((k, k_off), (v, v_off)) = self.kv_windows(what, pool, sk, sv)?;
+        if sk == ElemStorage::F16Packed || sv == ElemStorage::F16Packed {
+            ensure_arg!(
+                k_off.is_multiple_of(2)
+                    && v_off.is_multiple_of(2)
+                    && l.block_stride.is_multiple_of(2)
+                    && l.head_stride.is_multiple_of(2)
+                    && l.token_stride.is_multiple_of(2),
+                "{what}: f16 pools need even bases and strides on adapters without SHADER_F16"
+            );
+        }
+        let words = [
+            l.block_size,
+            l.num_blocks,
+            u32_of("k base", k_off as usize)?,
+            u32_of("v base", v_off as usize)?,
+            l.block_stride,
+            l.head_stride,
+            l.token_stride,
+        ];
+        Ok(PairedPool {
+            sk,
+            sv,
+            k,
+            v,
+            words,
+        })
+    }
+
     /// Writes `k_new` and `v_new` (`[n_tokens, n_kv_heads, head_dim]` f32) into `pool` at the
     /// per-token `slots` (`[n_tokens]` u32, `block * block_size + offset`, or `u32::MAX` to
     /// skip; [`crate::SeqBatch::slots`] gives them for a batch).
@@ -55,20 +101,8 @@ impl GpuContext {
         expect(slots, "kv_append slots", DType::U32, n_tokens)?;
         expect(k_new, "kv_append k_new", DType::F32, n_tokens * row)?;
         expect(v_new, "kv_append v_new", DType::F32, n_tokens * row)?;
-        let sk = self.elem_storage(pool.k.dtype)?;
-        let sv = self.elem_storage(pool.v.dtype)?;
-        let ((kb, k_off), (vb, v_off)) = self.kv_windows("kv_append", pool, sk, sv)?;
-        if sk == ElemStorage::F16Packed || sv == ElemStorage::F16Packed {
-            // Packed f16 is written a u32 word (two dims) at a time.
-            ensure_arg!(
-                k_off.is_multiple_of(2)
-                    && v_off.is_multiple_of(2)
-                    && l.block_stride.is_multiple_of(2)
-                    && l.head_stride.is_multiple_of(2)
-                    && l.token_stride.is_multiple_of(2),
-                "kv_append: f16 pools need even bases and strides on adapters without SHADER_F16"
-            );
-        }
+        let pp = self.paired_pool("kv_append", pool)?;
+        let (sk, sv) = (pp.sk, pp.sv);
         let key = PipelineKey {
             kernel: "kv_append",
             elems: vec![sk, sv],
@@ -96,18 +130,9 @@ impl GpuContext {
                 Ok(with_f16_header(&[sk, sv], body))
             },
         )?;
-        let params = self.uniform(&[
-            u32_of("n_tokens", n_tokens)?,
-            l.n_kv_heads,
-            l.head_dim,
-            l.block_size,
-            l.num_blocks,
-            u32_of("k base", k_off as usize)?,
-            u32_of("v base", v_off as usize)?,
-            l.block_stride,
-            l.head_stride,
-            l.token_stride,
-        ]);
+        let mut words = vec![u32_of("n_tokens", n_tokens)?, l.n_kv_heads, l.head_dim];
+        words.extend(pp.words);
+        let params = self.uniform(&words);
         let pairs = (n_tokens * row / 2) as u64;
         let (gx, gy) = self.grid(pairs.div_ceil(WG))?;
         self.dispatch(
@@ -118,8 +143,8 @@ impl GpuContext {
                 whole(k_new),
                 whole(v_new),
                 whole(slots),
-                kb,
-                vb,
+                pp.k,
+                pp.v,
             ],
             (gx, gy, 1),
         );
@@ -189,19 +214,8 @@ impl GpuContext {
             q_out.buffer != src.q.buffer && q_out.buffer != src.kv.buffer,
             "rope_append: q_out must not be one of the source buffers"
         );
-        let sk = self.elem_storage(pool.k.dtype)?;
-        let sv = self.elem_storage(pool.v.dtype)?;
-        let ((kb, k_off), (vb, v_off)) = self.kv_windows("rope_append", pool, sk, sv)?;
-        if sk == ElemStorage::F16Packed || sv == ElemStorage::F16Packed {
-            ensure_arg!(
-                k_off.is_multiple_of(2)
-                    && v_off.is_multiple_of(2)
-                    && l.block_stride.is_multiple_of(2)
-                    && l.head_stride.is_multiple_of(2)
-                    && l.token_stride.is_multiple_of(2),
-                "rope_append: f16 pools need even bases and strides on adapters without SHADER_F16"
-            );
-        }
+        let pp = self.paired_pool("rope_append", pool)?;
+        let (sk, sv) = (pp.sk, pp.sv);
         let key = PipelineKey {
             kernel: "rope_append",
             elems: vec![sk, sv],
@@ -233,7 +247,7 @@ impl GpuContext {
                 Ok(with_f16_header(&[sk, sv], body))
             },
         )?;
-        let params = self.uniform(&[
+        let mut words = vec![
             u32_of("n_tokens", n_tokens)?,
             u32_of("n_heads", n_heads)?,
             l.n_kv_heads,
@@ -243,14 +257,9 @@ impl GpuContext {
             u32_of("kv row width", kv_stride)?,
             u32_of("k column", src.k_col)?,
             u32_of("v column", src.v_col)?,
-            l.block_size,
-            l.num_blocks,
-            u32_of("k base", k_off as usize)?,
-            u32_of("v base", v_off as usize)?,
-            l.block_stride,
-            l.head_stride,
-            l.token_stride,
-        ]);
+        ];
+        words.extend(pp.words);
+        let params = self.uniform(&words);
         // Index arithmetic in u32: the sources' elements must be addressable.
         u32_of("query rows", n_tokens * q_stride)?;
         u32_of("key/value rows", n_tokens * kv_stride)?;
@@ -267,8 +276,8 @@ impl GpuContext {
                 whole(inv_freq),
                 whole(slots),
                 whole(q_out),
-                kb,
-                vb,
+                pp.k,
+                pp.v,
             ],
             (gx, gy, 1),
         );
