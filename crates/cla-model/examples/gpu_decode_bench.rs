@@ -23,7 +23,7 @@ use cla_kernels_wgpu::{DeviceSelector, GpuContext};
 use cla_kv::{KvCacheConfig, KvDType};
 use cla_model::{
     Decoder, GpuDecoder, GpuDecoderOptions, GpuWeightDType, ModelWeights, RandomWeightsOptions,
-    SequenceId, SequenceStep,
+    SequenceId, SequenceStep, run_greedy_steps,
 };
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -219,21 +219,8 @@ fn run(dec: &mut GpuDecoder, s: &Shape) -> Value {
     // the previous one's ids are read back, its tokens taken from the GPU), as `cla generate`
     // runs them.
     let t = Instant::now();
-    let mut pipelined_steps = 0;
-    if s.decode > 0 {
-        let mut pending = one_token_steps(dec, &seqs, &next, |dec, steps| {
-            dec.submit_greedy(steps).expect("pipelined decode")
-        });
-        for _ in 1..s.decode {
-            let ahead = dec
-                .submit_greedy_after(&pending, &seqs)
-                .expect("pipelined decode");
-            dec.wait_step(pending).expect("pipelined read-back");
-            pending = ahead;
-        }
-        dec.wait_step(pending).expect("pipelined read-back");
-        pipelined_steps = s.decode;
-    }
+    let pipelined_steps =
+        run_greedy_steps(dec, &seqs, &next, s.decode, || true).expect("pipelined decode");
     let pipelined_s = t.elapsed().as_secs_f64();
     let kv_bytes = dec.kv_bytes_in_use();
     for q in seqs {

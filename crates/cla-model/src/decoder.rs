@@ -304,6 +304,45 @@ pub trait Decoder {
     }
 }
 
+/// Runs `steps` greedy decode steps for `seqs`, starting from one token per sequence
+/// (`first`, in the order of `seqs`) and feeding each step the tokens the one before chose,
+/// as `generate` does: where the backend pipelines, each step is submitted before the
+/// previous one's tokens are read back ([`Decoder::submit_greedy_after`]). Before every step
+/// after the first, `keep_going` may stop the run. Returns the number of steps run, and
+/// leaves every one of them in the cache. For benchmarks: the tokens are not kept.
+pub fn run_greedy_steps(
+    decoder: &mut dyn Decoder,
+    seqs: &[SequenceId],
+    first: &[u32],
+    steps: usize,
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<usize> {
+    if seqs.len() != first.len() {
+        return Err(ModelError::invalid(
+            "first tokens",
+            format!("{} given for {} sequences", first.len(), seqs.len()),
+        ));
+    }
+    if steps == 0 {
+        return Ok(0);
+    }
+    let batch: Vec<SequenceStep<'_>> = seqs
+        .iter()
+        .zip(first)
+        .map(|(&s, t)| SequenceStep::last(s, std::slice::from_ref(t)))
+        .collect();
+    let mut pending = decoder.submit_greedy(&batch)?;
+    let mut ran = 1;
+    while ran < steps && keep_going() {
+        let ahead = decoder.submit_greedy_after(&pending, seqs)?;
+        decoder.wait_step(pending)?;
+        pending = ahead;
+        ran += 1;
+    }
+    decoder.wait_step(pending)?;
+    Ok(ran)
+}
+
 /// A step handed to a backend whose token ids may not be known yet (see
 /// [`Decoder::submit_greedy`] and [`Decoder::submit_sample`]): [`Decoder::wait_step`] gives
 /// them, and the `submit_*_after` methods can feed them to the next step without waiting.

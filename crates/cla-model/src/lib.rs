@@ -49,6 +49,7 @@ pub mod weights;
 pub use cpu::{CpuDecoder, CpuDecoderOptions, cache_config_for};
 pub use decoder::{
     Decoder, LogitsWanted, PendingStep, SequenceCache, SequenceId, SequenceStep, TokenChoice,
+    run_greedy_steps,
 };
 pub use error::{ModelError, Result};
 pub use generate::{

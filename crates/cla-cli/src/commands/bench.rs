@@ -7,7 +7,7 @@ use crate::failure::{self, CliError, CliResult};
 use crate::interrupt;
 use cla_core::memory::{kv_bytes_for_batch, kv_bytes_per_token};
 use cla_core::{ByteSize, ConfigError, DType, ModelConfig, ParamCount, ParamOptions, presets};
-use cla_model::{Decoder, ModelWeights, SequenceStep, SplitMix64};
+use cla_model::{Decoder, ModelWeights, SequenceStep, SplitMix64, run_greedy_steps};
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -406,22 +406,9 @@ fn cell(
         // previous one chose, and where the backend pipelines (a GPU) it is submitted before
         // those tokens are read back.
         let started = Instant::now();
-        if decode > 0 {
-            let steps: Vec<SequenceStep<'_>> = seqs
-                .iter()
-                .zip(&first)
-                .map(|(&s, t)| SequenceStep::last(s, std::slice::from_ref(t)))
-                .collect();
-            let mut pending = decoder.submit_greedy(&steps)?;
-            for _ in 1..decode {
-                if interrupt::requested() {
-                    return Ok(None);
-                }
-                let ahead = decoder.submit_greedy_after(&pending, &seqs)?;
-                decoder.wait_step(pending)?;
-                pending = ahead;
-            }
-            decoder.wait_step(pending)?;
+        let ran = run_greedy_steps(decoder, &seqs, &first, decode, || !interrupt::requested())?;
+        if ran < decode {
+            return Ok(None);
         }
         let decode_seconds = started.elapsed().as_secs_f64();
         let peak_kv_bytes = decoder.kv_bytes_in_use();

@@ -391,3 +391,61 @@ fn a_progress_callback_can_stop_perplexity_after_a_window() {
     assert!(!all.stopped);
     assert_eq!((all.windows, all.tokens_scored), (4, 46));
 }
+
+/// The benchmarks' greedy loop (`run_greedy_steps`) leaves the cache a plain fed-back loop of
+/// `forward_greedy` leaves: the next step's logits agree exactly. Stopping early and a
+/// wrong number of first tokens behave as documented.
+#[test]
+fn run_greedy_steps_leaves_the_cache_a_fed_back_loop_leaves() {
+    use cla_model::{SequenceStep, run_greedy_steps};
+    let (w, _) = model();
+    let prompts = [vec![5u32, 6, 7], vec![9]];
+    let prefill = |d: &mut CpuDecoder| {
+        let seqs: Vec<_> = prompts.iter().map(|_| d.add_sequence()).collect();
+        let steps: Vec<_> = seqs
+            .iter()
+            .zip(&prompts)
+            .map(|(&s, p)| SequenceStep::last(s, p))
+            .collect();
+        let first = d.forward_greedy(&steps).unwrap();
+        (seqs, first)
+    };
+    let mut a = decoder(&w, 2);
+    let (seqs_a, first_a) = prefill(&mut a);
+    assert_eq!(
+        run_greedy_steps(&mut a, &seqs_a, &first_a, 6, || true).unwrap(),
+        6
+    );
+
+    let mut b = decoder(&w, 2);
+    let (seqs_b, mut next) = prefill(&mut b);
+    assert_eq!(first_a, next);
+    for _ in 0..6 {
+        let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let steps: Vec<_> = seqs_b
+            .iter()
+            .zip(&toks)
+            .map(|(&s, t)| SequenceStep::last(s, t))
+            .collect();
+        next = b.forward_greedy(&steps).unwrap();
+    }
+    // The same probe token on both: equal logits only if both caches hold the same tokens.
+    let probe = |d: &mut CpuDecoder, seqs: &[cla_model::SequenceId]| {
+        let steps: Vec<_> = seqs.iter().map(|&s| SequenceStep::last(s, &[3])).collect();
+        d.forward(&steps).unwrap()
+    };
+    assert_eq!(probe(&mut a, &seqs_a), probe(&mut b, &seqs_b));
+
+    // Stopped after the third step: three steps in the cache.
+    let mut c = decoder(&w, 2);
+    let (seqs_c, first_c) = prefill(&mut c);
+    let mut asked = 0;
+    let ran = run_greedy_steps(&mut c, &seqs_c, &first_c, 6, || {
+        asked += 1;
+        asked < 3
+    })
+    .unwrap();
+    assert_eq!(ran, 3);
+    assert_eq!(c.sequences().sequence_len(seqs_c[1]).unwrap(), 1 + 3);
+    assert!(run_greedy_steps(&mut c, &seqs_c, &first_c[..1], 2, || true).is_err());
+}
