@@ -838,7 +838,8 @@ fn main() -> BenchResult<()> {
         let vocabs: &[usize] = if q {
             &[4096]
         } else {
-            &[32_000, 128_256, 256_000]
+            // 4096: the shipped models' vocabulary.
+            &[4096, 32_000, 128_256, 256_000]
         };
         for &vocab in vocabs {
             for batch in [1usize, 32] {
@@ -868,6 +869,15 @@ fn main() -> BenchResult<()> {
                             temperature: 0.8,
                             top_k: 0,
                             top_p: 0.9,
+                        }),
+                    ),
+                    // `cla generate`'s defaults.
+                    (
+                        "temperature 0.8, top-k 40, top-p 0.95",
+                        Some(SampleParams {
+                            temperature: 0.8,
+                            top_k: 40,
+                            top_p: 0.95,
                         }),
                     ),
                 ];
