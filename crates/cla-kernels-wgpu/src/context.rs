@@ -290,6 +290,9 @@ pub struct GpuContext {
     pub(crate) scratch: Mutex<Option<wgpu::Buffer>>,
     /// f16 copy of the activations for the cooperative-matrix matmul (grown on demand).
     pub(crate) coop_staging: Mutex<Option<wgpu::Buffer>>,
+    /// The sampler's prefilter candidates (logit bits, indices), grown on demand; only the
+    /// GPU writes and reads them, in queue order, so calls can share them.
+    pub(crate) sample_candidates: Mutex<(crate::ReusableBuffer, crate::ReusableBuffer)>,
     /// The compute passes of the open [`GpuContext::batch_passes`] scopes, by encoder.
     pub(crate) open_pass: Mutex<std::collections::HashMap<u64, crate::pipeline::OpenPass>>,
 }
@@ -494,6 +497,7 @@ impl GpuContext {
             errors,
             scratch: Mutex::new(None),
             coop_staging: Mutex::new(None),
+            sample_candidates: Mutex::default(),
             open_pass: Mutex::default(),
         })
     }

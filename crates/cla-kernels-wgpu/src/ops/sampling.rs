@@ -11,9 +11,9 @@
 //!   floating point can still tell them apart).
 
 use crate::context::GpuContext;
-use crate::error::{Result, ensure_arg};
+use crate::error::{GpuError, Result, ensure_arg};
 use crate::ops::{expect, u32_of};
-use crate::pipeline::{Bind, PipelineKey, whole};
+use crate::pipeline::{Bind, Kernel, PipelineKey, render, whole};
 use crate::tensor::{DType, GpuTensor};
 
 const SRC: &str = include_str!("../shaders/sampling.wgsl");
@@ -23,6 +23,13 @@ const PENALTY_SRC: &str = include_str!("../shaders/repetition_penalty.wgsl");
 /// The largest vocabulary [`GpuContext::sample`] takes: probabilities are summed as 64-bit
 /// fixed point with 43 fractional bits, so a row of up to 2^20 ones cannot overflow.
 pub const MAX_SAMPLE_VOCAB: usize = 1 << 20;
+
+/// Tokens per workgroup of the sampler's top-k prefilter: a top-k of at most
+/// [`PREFILTER_MAX_K`] over a row of several chunks is first cut chunk by chunk, in parallel,
+/// and the draw then walks the candidates (at most a quarter of the row) instead of the row.
+const PREFILTER_CHUNK: usize = 1024;
+/// The largest top-k the prefilter takes.
+const PREFILTER_MAX_K: usize = 256;
 
 /// How [`GpuContext::sample`] picks a token from a row of logits. The transformations are
 /// cla-model's `SamplingConfig` without the repetition penalty, in the same order:
@@ -134,6 +141,19 @@ impl GpuContext {
         params: &SampleParams,
         out: &GpuTensor,
     ) -> Result<()> {
+        self.sample_with(encoder, logits, uniforms, params, out, None)
+    }
+
+    /// [`GpuContext::sample`] with the prefilter's chunk length (tests make it short).
+    pub(crate) fn sample_with(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        logits: &GpuTensor,
+        uniforms: &GpuTensor,
+        params: &SampleParams,
+        out: &GpuTensor,
+        chunk: Option<usize>,
+    ) -> Result<()> {
         params.validate()?;
         let vocab = *logits.shape.last().unwrap_or(&0);
         ensure_arg!(
@@ -163,17 +183,7 @@ impl GpuContext {
         } else {
             ([0, 0], 0)
         };
-        let key = PipelineKey {
-            kernel: "sample",
-            elems: vec![],
-            params: vec![],
-        };
-        let kernel = self.kernel(
-            key,
-            &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
-            |_| Ok(SAMPLE_SRC.to_owned()),
-        )?;
-        let uniform = self.uniform(&[
+        let words = [
             u32_of("rows", rows)?,
             u32_of("vocab", vocab)?,
             u32_of("top_k", top_k)?,
@@ -182,20 +192,108 @@ impl GpuContext {
             p_words[1],
             use_p,
             0,
-        ]);
-        let (gx, gy) = self.grid(rows as u64)?;
-        self.dispatch(
-            encoder,
-            &kernel,
-            &[
+        ];
+        let chunk = chunk.unwrap_or(PREFILTER_CHUNK);
+        let chunks = vocab.div_ceil(chunk);
+        // The prefilter pays where the candidates are a small part of the row.
+        if top_k == 0 || top_k > PREFILTER_MAX_K || chunks < 2 || chunks * top_k * 4 > vocab {
+            let kernel = self.sample_kernel(0, chunk)?;
+            let uniform = self.uniform(&words);
+            let (gx, gy) = self.grid(rows as u64)?;
+            let b = [
                 uniform.as_entire_binding(),
                 whole(logits),
                 whole(uniforms),
                 whole(out),
-            ],
-            (gx, gy, 1),
+            ];
+            self.dispatch(encoder, &kernel, &b, (gx, gy, 1));
+            return Ok(());
+        }
+        let n_cand = chunks * top_k;
+        let (bits, idx) = {
+            let mut bufs = self
+                .sample_candidates
+                .lock()
+                .map_err(|_| GpuError::Device("sample candidate buffers poisoned".into()))?;
+            let (b, i) = &mut *bufs;
+            let shape = [rows, n_cand];
+            (
+                self.tensor_reusing(b, &shape, DType::U32, "cla sample candidates")?,
+                self.tensor_reusing(i, &shape, DType::U32, "cla sample candidate ids")?,
+            )
+        };
+        self.check_binding("sample candidates", (rows * n_cand * 4) as u64)?;
+        // 1. Each chunk's top_k first tokens.
+        let kernel = self.sample_kernel(1, chunk)?;
+        let uniform = self.uniform(&words);
+        let b = [
+            uniform.as_entire_binding(),
+            whole(logits),
+            whole(uniforms),
+            whole(&idx),
+            whole(&bits),
+        ];
+        self.dispatch(
+            encoder,
+            &kernel,
+            &b,
+            (chunks as u32, u32_of("rows", rows)?, 1),
         );
+        // 2. The draw over each row's candidates.
+        let mut cand_words = words;
+        cand_words[1] = u32_of("candidates", n_cand)?;
+        let kernel = self.sample_kernel(2, chunk)?;
+        let uniform = self.uniform(&cand_words);
+        let (gx, gy) = self.grid(rows as u64)?;
+        let b = [
+            uniform.as_entire_binding(),
+            whole(&bits),
+            whole(uniforms),
+            whole(out),
+            whole(&idx),
+        ];
+        self.dispatch(encoder, &kernel, &b, (gx, gy, 1));
         Ok(())
+    }
+
+    /// The sampling kernel in `mode` (see `sample.wgsl`).
+    fn sample_kernel(&self, mode: u32, chunk: usize) -> Result<std::sync::Arc<Kernel>> {
+        let chunk = u32_of("chunk", chunk)?;
+        let key = PipelineKey {
+            kernel: "sample",
+            elems: vec![],
+            params: vec![("mode", mode), ("chunk", chunk)],
+        };
+        // Modes 1 and 2 bind `aux` read-write: mode 1 writes it, and mode 2, which only reads
+        // it, is built from the same source.
+        let (binds, aux): (&[Bind], &str) = if mode == 0 {
+            (
+                &[Bind::Uniform, Bind::Read, Bind::Read, Bind::ReadWrite],
+                "var<private> aux: array<u32, 1>;",
+            )
+        } else {
+            (
+                &[
+                    Bind::Uniform,
+                    Bind::Read,
+                    Bind::Read,
+                    Bind::ReadWrite,
+                    Bind::ReadWrite,
+                ],
+                "@group(0) @binding(4) var<storage, read_write> aux: array<u32>;",
+            )
+        };
+        self.kernel(key, binds, |name| {
+            render(
+                name,
+                SAMPLE_SRC,
+                &[
+                    ("MODE", mode.to_string()),
+                    ("CHUNK", chunk.to_string()),
+                    ("AUX_DECL", aux.to_owned()),
+                ],
+            )
+        })
     }
 
     /// Applies a CTRL-style repetition penalty in place: for every `(row, token)` pair of
@@ -315,13 +413,27 @@ mod tests {
         params: &SampleParams,
         us: &[f64],
     ) -> Vec<u32> {
+        gpu_sample_chunked(c, x, rows, vocab, params, us, None)
+    }
+
+    /// `gpu_sample` with the prefilter's chunk length set.
+    fn gpu_sample_chunked(
+        c: &GpuContext,
+        x: &[f32],
+        rows: usize,
+        vocab: usize,
+        params: &SampleParams,
+        us: &[f64],
+        chunk: Option<usize>,
+    ) -> Vec<u32> {
         let tl = c.upload_f32(x, &[rows, vocab]).unwrap();
         let words: Vec<u32> = us.iter().flat_map(|&u| uniform_words(u).unwrap()).collect();
         let tu = c.upload_u32(&words, &[rows, 2]).unwrap();
         let out = c.create_tensor(&[rows], crate::DType::U32, "ids").unwrap();
         c.fill_u32_pattern(&out, POISON);
         let mut enc = c.encoder();
-        c.sample(&mut enc, &tl, &tu, params, &out).unwrap();
+        c.sample_with(&mut enc, &tl, &tu, params, &out, chunk)
+            .unwrap();
         c.submit_and_wait(enc).unwrap();
         c.read_u32(&out).unwrap()
     }
@@ -488,6 +600,9 @@ mod tests {
             p_choice in 0usize..4,
             ties in any::<bool>(),
             special in any::<bool>(),
+            // The prefilter's chunk length: the default, or short ones that cut even small
+            // rows into many chunks (the prefilter runs where top_k fits, see `sample`).
+            chunk in prop_oneof![Just(None), (1usize..300).prop_map(Some)],
             seed: u64,
         ) {
             let mut x: Vec<f32> = values(seed, rows * vocab).iter().map(|v| v * scale).collect();
@@ -522,10 +637,50 @@ mod tests {
             let params = SampleParams { temperature, top_k, top_p };
             let us = uniforms(seed, rows);
             for c in both_ctx() {
-                let got = gpu_sample(c, &x, rows, vocab, &params, &us);
+                let got = gpu_sample_chunked(c, &x, rows, vocab, &params, &us, chunk);
                 check_rows(&x, rows, vocab, &params, &us, &got)?;
             }
         }
+    }
+
+    /// The prefilter runs (its pipeline is built) for a small top-k over a long row, and
+    /// keeps every token the draw could pick: ties straddling chunk boundaries, NaNs and
+    /// -inf inside chunks, a chunk of only NaNs, top-p after top-k.
+    #[test]
+    fn the_top_k_prefilter_keeps_what_the_draw_needs() {
+        let c = crate::testing::fresh_ctx();
+        let (rows, vocab) = (3, 5000);
+        let mut x: Vec<f32> = values(3, rows * vocab)
+            .iter()
+            .map(|v| (v * 6.0).round())
+            .collect();
+        for (i, v) in x.iter_mut().enumerate() {
+            let col = i % vocab;
+            if (2048..3072).contains(&col) {
+                *v = f32::NAN;
+            } else if col % 13 == 4 {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        for (top_k, top_p) in [(1, 1.0), (7, 1.0), (40, 0.95), (250, 0.5)] {
+            let params = SampleParams {
+                temperature: 0.8,
+                top_k,
+                top_p,
+            };
+            for seed in 0..4 {
+                let us = uniforms(seed, rows);
+                let got = gpu_sample(&c, &x, rows, vocab, &params, &us);
+                check_rows(&x, rows, vocab, &params, &us, &got).unwrap();
+            }
+        }
+        assert!(
+            c.pipeline_names()
+                .iter()
+                .any(|n| n.starts_with("sample_mode1")),
+            "the prefilter did not run: {:?}",
+            c.pipeline_names()
+        );
     }
 
     #[test]

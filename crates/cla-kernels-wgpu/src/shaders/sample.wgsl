@@ -16,6 +16,16 @@
 // top-k cut keeps at most LIST_CAP tokens they are copied to workgroup memory and the later
 // passes read that list instead of the row. One workgroup per row; a 64-bit value is a
 // vec2<u32> (low word, high word).
+//
+// MODE (a placeholder, written in double braces below) picks what a dispatch does:
+// 0 draws from each row of `logits`. 1 is the prefilter for a top-k of at most a few hundred
+// over a long row: workgroup (c, r) keeps the top_k first tokens of the order among positions
+// c * CHUNK .. (c + 1) * CHUNK of row r and writes them in index order to slots
+// (r * chunks + c) * top_k .. of `aux` (the logit bits) and `out` (the row index), NaN bits
+// where the chunk has fewer. The row's top_k first tokens are among the union of its chunks',
+// so 2 then draws from that candidate row (`logits` bound to 1's `aux`, `aux` to 1's `out`):
+// the candidates are in index order, so positions break ties as indices do, and the token
+// drawn is mapped back through `aux`. AUX_DECL declares `aux` (a private dummy in mode 0).
 
 struct Params {
     rows: u32,
@@ -36,6 +46,10 @@ struct Params {
 // Per row, the uniform number u in [0, 1) as u * 2^64 (low word, high word).
 @group(0) @binding(2) var<storage, read> uniforms: array<u32>;
 @group(0) @binding(3) var<storage, read_write> out: array<u32>;
+
+const MODE: u32 = {{MODE}}u;
+const CHUNK: u32 = {{CHUNK}}u;
+{{AUX_DECL}}
 
 const WG: u32 = 256u;
 const LIST_CAP: u32 = 1024u;
@@ -423,12 +437,18 @@ fn main(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.x + wid.y * nwg.x;
+    var row = wid.x + wid.y * nwg.x;
+    var n = p.vocab;
+    var base = row * n;
+    if (MODE == 1u) {
+        // (Grid: chunks x rows.)
+        row = wid.y;
+        base = row * p.vocab + wid.x * CHUNK;
+        n = min(CHUNK, p.vocab - wid.x * CHUNK);
+    }
     if (row >= p.rows) {
         return;
     }
-    let n = p.vocab;
-    let base = row * n;
 
     // The max key (the first position of the order) and the number of non-NaN tokens.
     if (lid == 0u) {
@@ -455,6 +475,10 @@ fn main(
     }
     let max_key = workgroupUniformLoad(&s_u[0]);
     let n_valid = workgroupUniformLoad(&s_u[1]);
+    if (MODE == 1u) {
+        prefilter(lid, row, base, n, wid.x, nwg.x, max_key, n_valid);
+        return;
+    }
     if (n_valid == 0u) {
         if (lid == 0u) {
             out[row] = 0u;
@@ -492,6 +516,61 @@ fn main(
     }
     let idx = select_pos(lid, row, base, n, compact, len, cut_key, cut_idx, max_key, MASS, TARGET_DRAW);
     if (lid == 0u) {
-        out[row] = select(0u, idx, idx < n);
+        var token = select(0u, idx, idx < n);
+        if (MODE == 2u) {
+            // The candidate's index in the original row.
+            token = select(0u, aux[base + idx], idx < n);
+        }
+        out[row] = token;
+    }
+}
+
+// MODE 1: this chunk's top_k first tokens (all its valid ones if fewer), in index order, to
+// slots chunk * top_k .. of the row's candidates; NaN bits pad the rest.
+fn prefilter(lid: u32, row: u32, base: u32, n: u32, chunk: u32, chunks: u32, max_key: u32, n_valid: u32) {
+    var cut_key = 0u;
+    var cut_idx = NONE;
+    if (p.top_k < n_valid) {
+        cut_idx = select_pos(lid, row, base, n, false, 0u, 0u, NONE, max_key, COUNT, TARGET_K);
+        cut_key = workgroupUniformLoad(&s_u[2]);
+    }
+    // Each thread takes a run of consecutive positions; a scan of the runs' counts places
+    // the kept tokens in index order.
+    let per = (n + WG - 1u) / WG;
+    let lo = min(lid * per, n);
+    let hi = min(lo + per, n);
+    var count = 0u;
+    for (var i = lo; i < hi; i++) {
+        let b = bitcast<u32>(logits[base + i]);
+        if (!is_nan_bits(b) && kept(key_of(b), i, cut_key, cut_idx)) {
+            count += 1u;
+        }
+    }
+    workgroupBarrier();
+    red[lid] = count;
+    workgroupBarrier();
+    if (lid == 0u) {
+        var sum = 0u;
+        for (var t = 0u; t < WG; t++) {
+            let c = red[t];
+            red[t] = sum;
+            sum += c;
+        }
+    }
+    workgroupBarrier();
+    let slots = (row * chunks + chunk) * p.top_k;
+    var at = red[lid];
+    for (var i = lo; i < hi; i++) {
+        let b = bitcast<u32>(logits[base + i]);
+        if (!is_nan_bits(b) && kept(key_of(b), i, cut_key, cut_idx) && at < p.top_k) {
+            aux[slots + at] = b;
+            out[slots + at] = chunk * CHUNK + i;
+            at += 1u;
+        }
+    }
+    let kept_n = min(p.top_k, n_valid);
+    for (var j = kept_n + lid; j < p.top_k; j += WG) {
+        aux[slots + j] = 0x7fc00000u;
+        out[slots + j] = 0u;
     }
 }
