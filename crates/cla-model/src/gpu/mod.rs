@@ -792,16 +792,26 @@ impl GpuDecoder {
         let q = view(&ws.q, &[n, heads, d]);
         let pool = self.cache.storage().pool(c.kv_sharing.slot_of(layer));
         let (qw, kvw) = (heads * d, kv_heads * d);
-        let src = match &w.proj {
+        let append = |enc: &mut wgpu::CommandEncoder, src: QkvRows<'_>| {
+            let (pos, slots) = (cur.pos, &cur.batch.slots);
+            ctx.rope_append(enc, src, pos, &self.inv_freq, slots, &pool, &q)
+        };
+        match &w.proj {
             Projection::Q(wq) => {
                 ctx.linear_from(enc, input, wq, &view(&q, &[n, qw]))?;
                 ctx.rope(enc, &q, cur.pos, &self.inv_freq)?;
-                None
             }
             Projection::Qkv(wqkv) => {
                 let rows = view(&ws.qkv, &[n, qw + 2 * kvw]);
                 ctx.linear_from(enc, input, wqkv, &rows)?;
-                Some((rows.clone(), rows, qw, qw + kvw))
+                let src = QkvRows {
+                    q: &rows,
+                    q_col: 0,
+                    kv: &rows,
+                    k_col: qw,
+                    v_col: qw + kvw,
+                };
+                append(enc, src)?;
             }
             Projection::QAndKv { q: wq, kv_norm, kv } => {
                 let q_rows = view(&ws.qkv, &[n, qw]);
@@ -810,20 +820,15 @@ impl GpuDecoder {
                 let kv_input = norm_input(ctx, enc, fuse, x, kv_norm, eps, &hk)?;
                 let kv_rows = view(&ws.kv, &[n, 2 * kvw]);
                 ctx.linear_from(enc, kv_input, kv, &kv_rows)?;
-                Some((q_rows, kv_rows, 0, kvw))
+                let src = QkvRows {
+                    q: &q_rows,
+                    q_col: 0,
+                    kv: &kv_rows,
+                    k_col: 0,
+                    v_col: kvw,
+                };
+                append(enc, src)?;
             }
-        };
-        // (Queries from column 0 of their rows, keys and values from their columns.)
-        if let Some((q_rows, kv_rows, k_col, v_col)) = &src {
-            let rows = QkvRows {
-                q: q_rows,
-                q_col: 0,
-                kv: kv_rows,
-                k_col: *k_col,
-                v_col: *v_col,
-            };
-            let (pos, slots) = (cur.pos, &cur.batch.slots);
-            ctx.rope_append(enc, rows, pos, &self.inv_freq, slots, &pool, &q)?;
         }
 
         // Attention over the producer's slot (this layer's own for a producer).
