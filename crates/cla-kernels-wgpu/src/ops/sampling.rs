@@ -203,7 +203,14 @@ impl GpuContext {
         // selections cost a few barriers' latency per pass however few tokens they walk, so
         // at 4 chunks (vocab 4096) it was slower on the H200 (65 -> 83 us for top-k 50),
         // from 32 chunks faster (169 -> 107 us at 32 000, 1.16 ms -> 148 us at 256 000).
-        if top_k == 0 || top_k > PREFILTER_MAX_K || chunks < 8 || chunks * top_k * 4 > vocab {
+        // (Its grid is chunks x rows, so rows beyond one grid dimension take the plain path.)
+        let max_dim = self.features().max_workgroups_per_dim as usize;
+        if top_k == 0
+            || top_k > PREFILTER_MAX_K
+            || chunks < 8
+            || chunks * top_k * 4 > vocab
+            || rows > max_dim
+        {
             let kernel = self.sample_kernel(0, chunk)?;
             let uniform = self.uniform(&words);
             let (gx, gy) = self.grid(rows as u64)?;
@@ -216,6 +223,7 @@ impl GpuContext {
             self.dispatch(encoder, &kernel, &b, (gx, gy, 1));
             return Ok(());
         }
+        // At most a quarter of the row per row: within the binding the logits passed.
         let n_cand = chunks * top_k;
         let (bits, idx) = {
             let mut bufs = self
@@ -229,7 +237,6 @@ impl GpuContext {
                 self.tensor_reusing(i, &shape, DType::U32, "cla sample candidate ids")?,
             )
         };
-        self.check_binding("sample candidates", (rows * n_cand * 4) as u64)?;
         // 1. Each chunk's top_k first tokens.
         let kernel = self.sample_kernel(1, chunk)?;
         let uniform = self.uniform(&words);
